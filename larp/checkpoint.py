@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from larp.backbone import FrozenBackbone
 from larp.config import LaRPConfig
-from larp.errors import CheckpointError, LaRPError
+from larp.errors import CheckpointError, ConfigError, LaRPError
 from larp.model import LaRPCLIP
 
 FORMAT = "larp-checkpoint"
@@ -138,7 +138,12 @@ def load_checkpoint(
         config = LaRPConfig.from_dict(manifest["config"])
     except LaRPError as exc:
         raise CheckpointError(f"checkpoint config is invalid: {exc}") from exc
-    model = LaRPCLIP(config, backbone=backbone)
+    try:
+        model = LaRPCLIP(config, backbone=backbone)
+    except ConfigError as exc:  # the given backbone is not the checkpoint's
+        raise CheckpointError(
+            f"checkpoint {directory} does not fit the given backbone: {exc}"
+        ) from exc
     expected = manifest["backbone"]
     mine = model.backbone.identity()
     for key in ("name", "image_size", "weights_sha256"):

@@ -116,6 +116,11 @@ class LaRPCLIP(nn.Module):
         self._text_cache = None
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
+    def _apply(self, fn, *args, **kwargs):
+        # .to(device) / .double() etc.: the cached text embeddings would keep the old device/dtype
+        self._text_cache = None
+        return super()._apply(fn, *args, **kwargs)
+
     # ------------------------------------------------------------------ text side
     def text_embeddings(self) -> torch.Tensor:
         """`[G, 2, D]` unit text embeddings; computed once and reused while in eval mode."""

@@ -22,11 +22,13 @@ def prototype_deviation(
 ) -> torch.Tensor:
     """Eqs. 16-17 with the SPEC §1.4 choices: μᵢ = 1 − cos(pᵢ, p_norm).
 
-    `q` `[B, N]` mean layer response per patch, `patches` `[B, N, D]` last-layer features.
-    The normal set is the patches with `q ≤ quantile(q)` per image, weighted by `1 − q` (lower
-    anomaly response, more weight). If every weight is 0 (q ≡ 1) the prototype is the plain mean
-    of the set rather than undefined.
+    `q` `[B, N]` mean layer response per patch, `patches` `[B, N, D]` last-layer features,
+    L2-normalised here (SPEC §1.4) so that a patch's weight in `p_norm` is `1 − q` alone, not
+    also its feature norm. The normal set is the patches with `q ≤ quantile(q)` per image,
+    weighted by `1 − q` (lower anomaly response, more weight). If every weight is 0 (q ≡ 1) the
+    prototype is the plain mean of the set rather than undefined.
     """
+    patches = F.normalize(patches, dim=-1)
     threshold = torch.quantile(q.float(), quantile, dim=1, keepdim=True)
     in_set = (q <= threshold).to(patches.dtype)
     weights = in_set * (1.0 - q).to(patches.dtype)
