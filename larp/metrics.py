@@ -18,17 +18,17 @@ score, so samples with equal scores always share one decision.
 
 Memory. MVTec AD at 518x518 is ~460 M pixels; holding and sorting them all needs many GB.
 :class:`MapAccumulator` streams batch by batch. Small evaluations (up to ``exact_limit``
-pixels, default 2**22) are buffered and computed exactly. Beyond that the accumulator keeps
-three histograms over a fixed grid of ``bins`` (default 2**20) equal bins: normal pixels per
-bin, anomalous pixels per bin, and the PRO weight per bin (each anomalous pixel of ground-truth
-region ``r`` adds ``1 / |r|``; the total is divided by the number of regions at the end). All
-curves are then reverse cumulative sums over the bins. The grid is dyadic: bin ``g`` is
-``[g * 2**q, (g + 1) * 2**q)`` and ``g = floor(score * 2**-q)`` is computed exactly in float64,
-so the binning is an exact monotone quantisation; when data falls outside the grid it is
-widened by whole powers of two and old bins merge exactly. The results are therefore *exact
-for the quantised scores*, and because the quantised curve's points are a subset of the exact
-curve's points, the distance to the exact value is bounded by quantities computed from the same
-histograms (:meth:`MapAccumulator.diagnostics`):
+pixels, default 2**20, ~60 MB to compute) are buffered and computed exactly. Beyond that the
+accumulator keeps three histograms over a fixed grid of ``bins`` (default 2**20) equal bins:
+normal pixels per bin, anomalous pixels per bin, and the PRO weight per bin (each anomalous
+pixel of ground-truth region ``r`` adds ``1 / |r|``; the total is divided by the number of
+regions at the end). All curves are then reverse cumulative sums over the bins. The grid is
+dyadic: bin ``g`` is ``[g * 2**q, (g + 1) * 2**q)`` and ``g = floor(score * 2**-q)`` is
+computed exactly in float64, so the binning is an exact monotone quantisation; when data falls
+outside the grid it is widened by whole powers of two and old bins merge exactly. The results
+are therefore *exact for the quantised scores*, and because the quantised curve's points are a
+subset of the exact curve's points, the distance to the exact value is bounded by quantities
+computed from the same histograms (:meth:`MapAccumulator.diagnostics`):
 
 * pixel AUROC: ``0.5 * sum_b pos_b * neg_b / (P * N)`` (only pairs sharing a bin can differ);
 * AUPRO: ``sum_b dFPR_b * dPRO_b / fpr_limit`` over bins below the limit (between two grid
@@ -88,7 +88,7 @@ __all__ = [
 
 DEFAULT_FPR_LIMIT = 0.3
 DEFAULT_BINS = 2**20
-DEFAULT_EXACT_LIMIT = 2**22
+DEFAULT_EXACT_LIMIT = 2**20
 # Pixels per chunk when the functional API streams a full array through a MapAccumulator.
 _CHUNK_PIXELS = 2**22
 
@@ -454,7 +454,8 @@ class MapAccumulator:
         """Bytes held by the buffer or histograms."""
         if self.exact:
             return sum(a.nbytes for a in (*self._buf_scores, *self._buf_pos, *self._buf_w))
-        return sum(a.nbytes for a in (self._total, self._pos, self._pro))  # type: ignore[union-attr]
+        assert self._total is not None and self._pos is not None and self._pro is not None
+        return self._total.nbytes + self._pos.nbytes + self._pro.nbytes
 
     # -- internals ----------------------------------------------------------------------------
 
@@ -918,14 +919,14 @@ def format_table_markdown(
     metrics: Iterable[str] | None = None,
     percent: bool = True,
     digits: int = 1,
-    resolution: tuple[int, int] | str | None = None,
+    resolution: tuple[int, int] | int | str | None = None,
 ) -> str:
     """A Markdown table, one row per class (as :meth:`ClassMetrics.compute` returns).
 
     ``metrics`` defaults to the image counts and :data:`TABLE_METRICS` that the class rows
-    hold. Scores
-    are in percent with ``digits`` decimals (the paper's tables); NaN prints as ``-``. With
-    ``resolution`` a line "Evaluation resolution: HxW" follows the table.
+    hold. Scores are in percent with ``digits`` decimals (the paper's tables); NaN prints as
+    ``-``. With ``resolution`` (``(H, W)``, a side length or a string) a line "Evaluation resolution: HxW"
+    follows the table.
     """
     class_rows = [r for name, r in rows.items() if name != ClassMetrics.MEAN] or list(rows.values())
     present = {k for r in class_rows for k in r}
@@ -941,7 +942,12 @@ def format_table_markdown(
         lines.append("| " + " | ".join([label, *cells]) + " |")
     text = "\n".join(lines) + "\n"
     if resolution is not None:
-        res = resolution if isinstance(resolution, str) else f"{resolution[0]}x{resolution[1]}"
+        if isinstance(resolution, str):
+            res = resolution
+        elif isinstance(resolution, int):
+            res = f"{resolution}x{resolution}"
+        else:
+            res = f"{resolution[0]}x{resolution[1]}"
         text += f"\nEvaluation resolution: {res}\n"
     return text
 
