@@ -46,10 +46,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as folder:
             trainer.restore(folder)
     fault = loop_config.get("fault_injection")
+    tracking = loop_config.get("tracking")
 
     def report(metrics: dict[str, Any], folder: Path | None) -> None:
         payload = ray.train.Checkpoint.from_directory(str(folder)) if folder else None
         ray.train.report(metrics, checkpoint=payload)
+        if rank == 0 and tracking:
+            from larp.tracking import log_metrics
+
+            log_metrics(tracking["uri"], tracking["run_id"], metrics, step=int(metrics["epoch"]))
         if rank == 0 and fault_injection_due(fault, int(metrics["epoch"])):
             os._exit(1)  # a hard worker death, as an OOM kill or a lost node would be
 
@@ -86,8 +91,10 @@ def build_trainer(
     train_config: TrainConfig,
     callbacks: list | None = None,
     fault_injection: dict | None = None,
+    tracking: dict | None = None,
 ):
-    """A configured `TorchTrainer` (not started)."""
+    """A configured `TorchTrainer` (not started). `tracking` = {"uri", "run_id"} makes rank 0
+    log every epoch's metrics to that MLflow run."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -114,6 +121,8 @@ def build_trainer(
     loop_config = {"model": model_config.to_dict(), "train": train_config.to_dict()}
     if fault_injection:
         loop_config["fault_injection"] = fault_injection
+    if tracking:
+        loop_config["tracking"] = tracking
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
