@@ -265,7 +265,9 @@ def test_injected_tokens_overwrite_only_positions_1_to_n(backbone):
     )
     assert len(inputs) == 4
     pos = backbone.clip.positional_embedding
-    torch.testing.assert_close(inputs[0], emb + pos, atol=0, rtol=0)
+    length = int(eot.max()) + 1  # the causal pass stops at the last EOT token
+    assert inputs[0].shape[1] == length < emb.shape[1]
+    torch.testing.assert_close(inputs[0], emb[:, :length] + pos[:length], atol=0, rtol=0)
     for index in (1, 2):
         x, prev = inputs[index], outputs[index - 1]
         torch.testing.assert_close(x[:, 1 : 1 + n], deep[:, index - 1], atol=0, rtol=0)
