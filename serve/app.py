@@ -22,7 +22,8 @@ request on a small thread pool; only the model call is batched, on one model thr
 event loop keeps accepting requests while a batch runs).
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: FastAPI must see the real `Request` class in the
+# signatures of the ingress methods, which Serve rebuilds (string annotations fail there).
 
 import asyncio
 import contextlib
@@ -57,6 +58,7 @@ from .http import (
     image_from_multipart,
     is_multipart,
     parse_query,
+    pixel_cap,
     read_body,
 )
 from .settings import BUILD_ARGS, ServeSettings, parse_build_args, replace
@@ -100,7 +102,8 @@ async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
 async def _internal_error(_: Request, exc: Exception) -> JSONResponse:
     logger.exception("internal error while answering a request")
     return JSONResponse(
-        error_body("internal_error", f"{type(exc).__name__}: {exc}"), status_code=500
+        error_body("internal_error", f"{type(exc).__name__}; the details are in the server log"),
+        status_code=500,
     )
 
 
@@ -162,6 +165,10 @@ class LaRPDetector:
         self.infer.set_max_batch_size(settings.max_batch_size)
         self.infer.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
         self.stats: dict[str, Any] = {"batches": 0, "images": 0, "batch_sizes": {}}
+        try:
+            self.replica_id = serve.get_replica_context().replica_id.unique_id
+        except Exception:  # outside a Serve replica (direct construction)
+            self.replica_id = "local"
         # warm-up: computes and caches the text embeddings, so the first client is not slower
         blank = pil_to_tensor(Image.new("RGB", (self.image_size, self.image_size)), self.image_size)
         started = time.perf_counter()
@@ -291,13 +298,14 @@ class LaRPDetector:
                 "image_size": self.image_size,
                 "formats": list(ALLOWED_NAMES),
                 "max_body_bytes": self.limits.max_bytes,
-                "max_pixels": self.limits.max_pixels,
+                "max_pixels": pixel_cap(self.limits),
                 "max_batch_size": self.settings.max_batch_size,
                 "batch_wait_timeout_s": self.settings.batch_wait_timeout_s,
                 "request_timeout_s": self.settings.request_timeout_s,
                 "settings": self.settings.public(),
             },
             "replica_stats": {
+                "replica": self.replica_id,
                 "batches": self.stats["batches"],
                 "images": self.stats["images"],
                 "batch_sizes": {str(k): v for k, v in sorted(self.stats["batch_sizes"].items())},

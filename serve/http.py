@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import codecs
 import io
-import warnings
 from collections.abc import AsyncIterable, Iterable
 from dataclasses import dataclass
 
@@ -36,6 +35,7 @@ ALLOWED_FORMATS: dict[str, str] = {
     "TIFF": "TIFF",
 }
 ALLOWED_NAMES = ("PNG", "JPEG", "BMP", "TIFF")
+_OPEN_PLUGINS = ["PNG", "JPEG", "BMP", "TIFF"]  # PIL plugin ids tried (JPEG also yields MPO)
 
 # Formats PIL may not be built to open, recognised by signature only to say "415" clearly.
 _SIGNATURES: tuple[tuple[int, bytes, str], ...] = (
@@ -199,7 +199,8 @@ def decode_image(data: bytes, limits: Limits) -> Image.Image:
     """Bytes -> a fully decoded PIL image of an allowed format, within `limits`.
 
     Raises `RequestError`: 400 empty or undecodable, 413 too many bytes or pixels (checked on
-    the header before decoding; PIL's decompression-bomb error and warning included), 415 a
+    the header before decoding, see `pixel_cap`; PIL's DecompressionBombError, and its warning
+    if warnings are errors, are 413s too), 415 a
     format outside PNG/JPEG/BMP/TIFF or not an image at all.
     """
     if not data:
@@ -209,24 +210,30 @@ def decode_image(data: bytes, limits: Limits) -> Image.Image:
     if len(data) > limits.max_bytes:
         raise _too_many_bytes(len(data), limits.max_bytes)
     try:
-        img = _open(data, list(ALLOWED_FORMATS))
+        img = _open(data, _OPEN_PLUGINS, limits.max_pixels)
     except UnidentifiedImageError:
         raise _unidentified(data) from None
     fmt = img.format or "?"
-    width, height = img.size
-    if width * height > limits.max_pixels:
+    if fmt not in ALLOWED_FORMATS:
         img.close()
-        raise _too_many_pixels(width, height, limits.max_pixels)
+        raise RequestError(
+            415,
+            "unsupported_media_type",
+            f"{fmt} images are not supported; send {', '.join(ALLOWED_NAMES)}",
+        )
+    width, height = img.size
+    cap = pixel_cap(limits)
+    if width * height > cap:
+        img.close()
+        raise _too_many_pixels(width, height, cap)
     if width < 1 or height < 1:
         img.close()
         raise RequestError(400, "undecodable_image", f"the image has no pixels ({width}x{height})")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img.load()
+        img.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         img.close()
-        raise RequestError(413, "too_many_pixels", str(exc)) from exc
+        raise _bomb(exc, limits.max_pixels) from exc
     except Exception as exc:  # truncated data, bad chunk CRC, broken huffman tables, ...
         img.close()
         raise RequestError(
@@ -237,20 +244,37 @@ def decode_image(data: bytes, limits: Limits) -> Image.Image:
     return img
 
 
-def _open(data: bytes, formats: list[str] | None) -> Image.Image:
+def pixel_cap(limits: Limits) -> int:
+    """The pixel limit applied: ours, and never above PIL's decompression-bomb threshold
+    (`Image.MAX_IMAGE_PIXELS`, where PIL starts to warn). Comparing the header size with it
+    here, rather than turning PIL's warning into an error with `warnings` filters (process-wide
+    state, racy across the decode threads), makes every bomb a 413 deterministically."""
+    pil = Image.MAX_IMAGE_PIXELS
+    return limits.max_pixels if pil is None else min(limits.max_pixels, int(pil))
+
+
+def _open(data: bytes, formats: list[str] | None, max_pixels: int) -> Image.Image:
     """`Image.open` (header only) with PIL's bomb check as a 413 and any parse error a 400."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            return Image.open(io.BytesIO(data), formats=formats)
+        return Image.open(io.BytesIO(data), formats=formats)
     except UnidentifiedImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise RequestError(413, "too_many_pixels", str(exc)) from exc
+        raise _bomb(exc, max_pixels) from exc
     except Exception as exc:  # a header a plugin recognised but could not parse
         raise RequestError(
             400, "undecodable_image", f"cannot read the image header: {exc}"
         ) from exc
+
+
+def _bomb(exc: Exception, max_pixels: int) -> RequestError:
+    """PIL's own decompression-bomb guard fired (its limit may sit below ours)."""
+    return RequestError(
+        413,
+        "too_many_pixels",
+        f"the image is too large to decode safely ({exc}); this server accepts at most "
+        f"{max_pixels} pixels",
+    )
 
 
 def _unidentified(data: bytes) -> RequestError:
@@ -281,10 +305,8 @@ def _other_format(data: bytes) -> str | None:
         if data[offset : offset + len(magic)] == magic:
             return name
     try:  # any other format this PIL knows; only the header is read, never decoded
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(io.BytesIO(data)) as img:
-                return img.format or "this"
+        with Image.open(io.BytesIO(data)) as img:
+            return img.format or "this"
     except Exception:
         return None
 

@@ -95,6 +95,8 @@ class ServeSettings:
             "max_ongoing_requests": self.effective_max_ongoing_requests,
             "max_queued_requests": self.max_queued_requests,
             "ray_actor_options": actor,
+            # a missing or refused checkpoint will not fix itself: fail the deploy quickly
+            "max_constructor_retry_count": 3,
         }
         autoscaling = self.effective_autoscaling()
         if autoscaling is None:
