@@ -114,6 +114,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         cache=cache,
         batch_size=args.batch_size,
         progress=not args.quiet,
+        precision=args.precision,
+        loader_workers=args.loader_workers,
     )
     _print_report(report)
     if args.out:
@@ -163,7 +165,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     rows = []
     for path in args.images:
         tensor = load_image(path, size)
-        result = model.predict(tensor.unsqueeze(0), lam=args.lam, top_k=args.top_k)
+        result = model.predict(
+            tensor.unsqueeze(0), lam=args.lam, top_k=args.top_k, precision=args.precision
+        )
         score = float(result.score[0])
         row = {
             "image": path,
@@ -223,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-cache", action="store_true")
     ev.add_argument("--cache-dir")
     ev.add_argument("--skip-bad", action="store_true", help="skip unreadable files (warns)")
+    ev.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
+    ev.add_argument("--loader-workers", type=int, default=0, help="parallel image decoding")
     ev.add_argument("--quiet", action="store_true")
     ev.set_defaults(func=cmd_eval)
 
@@ -239,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", help="folder for heat-map PNGs")
     pr.add_argument("--lam", type=_non_negative_float)
     pr.add_argument("--top-k", type=_positive_int)
+    pr.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
     pr.set_defaults(func=cmd_predict)
     return parser
 

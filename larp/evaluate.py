@@ -34,7 +34,7 @@ from larp.metrics import (
     format_table_markdown,
     write_csv,
 )
-from larp.model import LaRPCLIP
+from larp.model import LaRPCLIP, backbone_autocast
 from larp.pixel import gaussian_blur, upsample
 from larp.prototype import image_scores
 from larp.visualize import overlay_panel
@@ -195,13 +195,17 @@ def _loader(
     cache: FeatureCache | None,
     batch_size: int,
     progress: bool,
+    workers: int = 0,
 ) -> DataLoader:
     if cache is not None:
         keys, _ = cache.fill(records, batch_size, progress=progress)
         dataset = CachedFeatureDataset(cache, keys, records)
     else:
         dataset = AnomalyDataset(records, model.config.image_size)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    pin = next(model.parameters()).device.type == "cuda"
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=pin
+    )
 
 
 def evaluate(
@@ -214,8 +218,13 @@ def evaluate(
     batch_size: int = 8,
     progress: bool = True,
     skip_bad: bool = False,
+    precision: str = "auto",
+    loader_workers: int = 0,
 ) -> EvalReport:
-    """Metrics of `model` on a dataset spec (or records), at the model's input resolution."""
+    """Metrics of `model` on a dataset spec (or records), at the model's input resolution.
+
+    `loader_workers` decode and resize images in parallel processes (pinned memory on CUDA);
+    `precision` is the backbone's (see `LaRPCLIP.predict`)."""
     lam = model.config.lam if lam is None else float(lam)
     top_k = model.config.top_k if top_k is None else int(top_k)
     if lam < 0 or top_k < 1:
@@ -228,12 +237,15 @@ def evaluate(
     pixel = ClassMetrics()
     parts: dict[str, list[torch.Tensor]] = {"text": [], "q": [], "dev": [], "final": []}
     position = 0
-    loader = _loader(model, records, cache, batch_size, progress)
+    loader = _loader(model, records, cache, batch_size, progress, loader_workers)
     for batch in tqdm(loader, desc="evaluate", unit="batch", disable=not progress):
         if "patch_tokens" in batch:
             features = BackboneFeatures(batch["patch_tokens"], batch["global_feature"]).to(device)
         else:
-            features = model.backbone.extract(batch["image"].to(device))
+            images = batch["image"].to(device, non_blocking=True)
+            with backbone_autocast(device.type, precision):
+                features = model.backbone.extract(images)
+            features = features.to(torch.float32)
         result = model.predict_features(features, lam, top_k, blur=True, size=size)
         count = result.score.shape[0]
         classes = [r.class_name for r in records[position : position + count]]

@@ -7,6 +7,7 @@ from the feature cache therefore runs exactly the same head code as training fro
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, fields
 
 import torch
@@ -64,6 +65,23 @@ class LaRPResult:
             is_tensor = isinstance(value, torch.Tensor)
             values[f.name] = value[index : index + 1] if is_tensor else value
         return LaRPResult(**values)
+
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def backbone_autocast(device_type: str, precision: str = "auto"):
+    """The autocast context for the backbone forward of the fast inference path."""
+    if precision == "auto":
+        precision = "bf16" if device_type == "cuda" else "fp32"
+    if precision not in PRECISIONS:
+        raise ConfigError(
+            f"precision must be one of auto, {', '.join(PRECISIONS)}; got {precision!r}"
+        )
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, dtype=dtype)
 
 
 class LaRPCLIP(nn.Module):
@@ -157,8 +175,14 @@ class LaRPCLIP(nn.Module):
         lam: float | None = None,
         top_k: int | None = None,
         blur: bool = True,
+        precision: str = "auto",
     ) -> LaRPResult:
-        """Anomaly maps and scores for a batch of preprocessed images `[B, 3, S, S]`."""
+        """Anomaly maps and scores for a batch of preprocessed images `[B, 3, S, S]`.
+
+        `precision` applies to the frozen backbone only ("fp32", "bf16", "fp16"; "auto" is bf16
+        on CUDA, fp32 elsewhere): the head, the softmaxes, the prototype and the scores always
+        run in fp32, where a reduced precision would move scores and ranks.
+        """
         if self.training:
             self.eval()
         lam = self.config.lam if lam is None else float(lam)
@@ -167,7 +191,9 @@ class LaRPCLIP(nn.Module):
             raise ConfigError(f"lam (λ) must be >= 0; got {lam}")
         if top_k < 1:
             raise ConfigError(f"top_k must be >= 1; got {top_k}")
-        features = self.backbone.extract(images)
+        with backbone_autocast(images.device.type, precision):
+            features = self.backbone.extract(images)
+        features = features.to(torch.float32)
         return self.predict_features(features, lam, top_k, blur, size=images.shape[-1])
 
     @torch.inference_mode()
