@@ -188,14 +188,14 @@ def test_upsample_bilinear_by_hand():
 
 
 def test_gaussian_kernel_has_scipys_support():
-    for sigma, radius in ((1.0, 4), (4.0, 16), (2.5, 10), (0.3, 1)):
+    for sigma, radius in ((1.0, 4), (4.0, 16), (2.5, 10), (0.3, 1), (0.4, 2), (1.2, 5)):
         kernel = gaussian_kernel1d(sigma)
         assert kernel.numel() == 2 * radius + 1
         assert kernel.sum().item() == pytest.approx(1.0)
         torch.testing.assert_close(kernel, kernel.flip(0))
 
 
-@pytest.mark.parametrize("sigma", [1.0, 4.0, 2.5])
+@pytest.mark.parametrize("sigma", [1.0, 4.0, 2.5, 1.2])
 @pytest.mark.parametrize("shape", [(2, 32, 40), (1, 5, 7), (1, 3, 3), (1, 1, 1), (2, 20, 6)])
 def test_gaussian_blur_equals_scipy_reflect(sigma, shape):
     rng = np.random.default_rng(int(sigma * 10) + sum(shape))
