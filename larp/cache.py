@@ -186,20 +186,31 @@ class _ImageOnly(Dataset):
 
 
 class CachedFeatureDataset(Dataset):
-    """Training items from the cache: features (fp32), mask and label; no image decoding."""
+    """Training items from the cache: features (fp32), mask and label; no image decoding.
+
+    Items are also kept in memory (fp16 features, bool masks) while they fit `memory_bytes`, so
+    epochs after the first touch neither the disk nor the PNG decoder.
+    """
 
     def __init__(
-        self, cache: FeatureCache, keys: Sequence[str], records: Sequence[ImageRecord]
+        self,
+        cache: FeatureCache,
+        keys: Sequence[str],
+        records: Sequence[ImageRecord],
+        memory_bytes: int = 2 * 1024**3,
     ) -> None:
         if len(keys) != len(records):
             raise ValueError("one cache key per record is needed")
         self.cache, self.keys, self.records = cache, list(keys), list(records)
         self.size = cache.backbone.config.image_size
+        self.memory_bytes = memory_bytes
+        self._held: dict[int, tuple[BackboneFeatures, torch.Tensor]] = {}
+        self._held_bytes = 0
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> dict:
+    def _load(self, index: int) -> tuple[BackboneFeatures, torch.Tensor]:
         record = self.records[index]
         features = self.cache.load(self.keys[index])
         if features is None:
@@ -210,11 +221,23 @@ class CachedFeatureDataset(Dataset):
             extracted = self.cache.backbone.extract(image)
             features = BackboneFeatures(extracted.patch_tokens[0], extracted.global_feature[0])
             self.cache.store(self.keys[index], features)
+            features = features.to(torch.float16)
+        return features, _mask_for(record, self.size) > 0.5
+
+    def __getitem__(self, index: int) -> dict:
+        held = self._held.get(index)
+        if held is None:
+            held = self._load(index)
+            size = held[0].patch_tokens.nbytes + held[1].numel()
+            if self._held_bytes + size <= self.memory_bytes:
+                self._held[index] = held
+                self._held_bytes += size
+        features, mask = held
         return {
             "patch_tokens": features.patch_tokens.float(),
             "global_feature": features.global_feature.float(),
-            "mask": _mask_for(record, self.size),
-            "label": record.label,
+            "mask": mask.float(),
+            "label": self.records[index].label,
         }
 
 
