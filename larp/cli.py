@@ -84,7 +84,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     train_config = TrainConfig.from_dict(values)
     from larp.train import launch
 
-    result = launch(model_config, train_config, ray_address=args.ray_address)
+    result = launch(
+        model_config,
+        train_config,
+        ray_address=args.ray_address,
+        shared_storage=args.shared_storage,
+    )
     if result.error:
         print(f"error: training failed: {result.error}", file=sys.stderr)
         return 1
@@ -208,6 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--num-workers", type=_positive_int)
     train.add_argument("--use-gpu", action="store_true")
     train.add_argument("--storage-path", help="local, NFS or s3:// path for checkpoints")
+    train.add_argument(
+        "--shared-storage",
+        action="store_true",
+        help="a local --storage-path is on a mount every Ray node shares (NFS/EFS)",
+    )
     train.add_argument("--name", help="run name; re-running a name continues it")
     train.add_argument("--max-failures", type=int)
     train.add_argument("--no-cache", action="store_true", help="skip the frozen-feature cache")

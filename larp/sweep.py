@@ -61,6 +61,7 @@ class SweepConfig:
     storage_path: str = "larp_runs"
     tracking_uri: str = "sqlite:///mlflow.db"
     ray_address: str | None = None
+    shared_storage: bool = False  # a local storage_path is on a mount every node shares
     trial_cpus: float = 0.01
     resume: bool = False
 
@@ -271,10 +272,10 @@ def run_sweep(sweep: SweepConfig) -> dict[str, Any]:
     from ray import tune
 
     from larp import tracking
+    from larp.cluster import check_cluster, worker_needs
     from larp.train import ensure_ray, storage_uri
 
     uri = sweep.tracking_uri_absolute()
-    exp_id = tracking.experiment_id(uri, sweep.experiment)
     storage = storage_uri(sweep.storage_path)
     experiment_dir = f"{storage.rstrip('/')}/{sweep.name}"
     local = "://" not in storage
@@ -284,6 +285,11 @@ def run_sweep(sweep: SweepConfig) -> dict[str, Any]:
             "or --name to start another"
         )
     ensure_ray(sweep.ray_address)
+    # on a multi-node cluster: shared storage and a tracking store every node reaches
+    check_cluster(
+        storage, uri, shared=sweep.shared_storage, needs=worker_needs(sweep.train_config())
+    )
+    exp_id = tracking.experiment_id(uri, sweep.experiment)
     trainable = tune.with_resources(run_trial, {"cpu": sweep.trial_cpus})
     if sweep.resume and tune.Tuner.can_restore(experiment_dir):
         tuner = tune.Tuner.restore(experiment_dir, trainable, resume_errored=True)
@@ -367,6 +373,15 @@ def _nan_low(value: float) -> float:
     return -math.inf if value is None or math.isnan(value) else value
 
 
+def champion_root(sweep: SweepConfig) -> Path:
+    """Where the champion checkpoint and its pointer go: the storage path when it is a local or
+    mounted folder; `./larp_runs` when storage is a URI such as s3:// (the registered MLflow
+    model version is then the shared copy)."""
+    if "://" in sweep.storage_path:
+        return Path("larp_runs").resolve()
+    return Path(sweep.storage_path).expanduser().resolve()
+
+
 def crown_champion(sweep: SweepConfig, uri: str, best: dict[str, Any]) -> dict[str, Any]:
     """Save the best weights with their best (λ, k) and threshold as the champion checkpoint,
     register it (alias `champion`) and write the pointer `serve` reads."""
@@ -384,7 +399,8 @@ def crown_champion(sweep: SweepConfig, uri: str, best: dict[str, Any]) -> dict[s
         )
         model = load_checkpoint(local)
     model.config = model.config.replace(lam=best["lam"], top_k=best["top_k"])
-    target = Path(sweep.storage_path).expanduser().resolve() / f"{sweep.name}-champion"
+    root = champion_root(sweep)
+    target = root / f"{sweep.name}-champion"
     if target.exists():
         shutil.rmtree(target)
     metrics = {k: best[k] for k in METRICS if isinstance(best.get(k), float)}
@@ -398,7 +414,7 @@ def crown_champion(sweep: SweepConfig, uri: str, best: dict[str, Any]) -> dict[s
     )
     tracking.log_artifacts(uri, best["run_id"], target, "champion")
     version = tracking.register_champion(uri, best["run_id"], "champion")
-    pointer = Path(sweep.storage_path).expanduser().resolve() / "champion.json"
+    pointer = root / "champion.json"
     write_champion(
         target,
         {"model_name": tracking.MODEL_NAME, "version": version, "tracking_uri": uri, **best},
@@ -497,6 +513,11 @@ def parse_args(argv: list[str] | None = None) -> SweepConfig:
     parser.add_argument("--name")
     parser.add_argument("--experiment")
     parser.add_argument("--storage-path")
+    parser.add_argument(
+        "--shared-storage",
+        action="store_true",
+        help="a local --storage-path is on a mount every Ray node shares (NFS/EFS)",
+    )
     parser.add_argument("--tracking-uri")
     parser.add_argument("--ray-address")
     parser.add_argument("--resume", action="store_true")
@@ -540,6 +561,8 @@ def parse_args(argv: list[str] | None = None) -> SweepConfig:
             data[key] = getattr(args, key)
     if args.resume:
         data["resume"] = True
+    if args.shared_storage:
+        data["shared_storage"] = True
     try:
         if args.partitions:
             data["partitions"] = [

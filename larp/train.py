@@ -62,12 +62,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Connect to `address`, or start a private local Ray bound to 127.0.0.1."""
+    """Connect to `address` (else `RAY_ADDRESS`, which `ray job submit` sets for its driver), or
+    start a private local Ray bound to 127.0.0.1."""
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
     if ray.is_initialized():
         return
+    address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
         ray.init(address=address, configure_logging=False)
     else:
@@ -144,9 +146,19 @@ def launch(
     *,
     ray_address: str | None = None,
     fault_injection: dict | None = None,
+    shared_storage: bool = False,
 ):
-    """Validate, start Ray if needed, train, and return Ray's `Result`."""
+    """Validate, start Ray if needed, train, and return Ray's `Result`. On a multi-node cluster
+    a storage path the other nodes cannot see is refused first (`larp.cluster`);
+    `shared_storage=True` declares a local path to be on a mount every node shares."""
+    from larp.cluster import check_cluster, worker_needs
+
     check_data(train_config)
     ensure_ray(ray_address)
+    check_cluster(
+        storage_uri(train_config.storage_path),
+        shared=shared_storage,
+        needs=worker_needs(train_config),
+    )
     trainer = build_trainer(model_config, train_config, fault_injection=fault_injection)
     return trainer.fit()
