@@ -299,7 +299,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--naive-maps", type=int, default=200, help="0 skips the naive phase")
     p.add_argument("--naive-size", type=int, default=None, help="default: --size")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=None, help="results JSON")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path(__file__).parent / "results" / "metrics.json",
+        help="results JSON (a .md table is written beside it)",
+    )
     args = p.parse_args(argv)
 
     result: dict = {
@@ -331,6 +336,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2, default=float))
+        args.out.with_suffix(".md").write_text(text + "\n")
     return result
 
 
