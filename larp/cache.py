@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from larp.backbone import BackboneFeatures, FrozenBackbone
+from larp.checkpoint import file_sha256
 from larp.data import ImageRecord, load_image, load_mask
 from larp.errors import ConfigError
 
@@ -36,14 +37,6 @@ ENTRY_SUFFIX = ".safetensors"
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("LARP_CACHE_DIR", Path.home() / ".cache" / "larp" / "features"))
-
-
-def file_digest(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass
@@ -79,7 +72,7 @@ class FeatureCache:
 
     # ------------------------------------------------------------------ keys and paths
     def key(self, image_path: str | Path) -> str:
-        return hashlib.sha256(f"{self.namespace}:{file_digest(image_path)}".encode()).hexdigest()
+        return hashlib.sha256(f"{self.namespace}:{file_sha256(image_path)}".encode()).hexdigest()
 
     def path(self, key: str) -> Path:
         return self.folder / key[:2] / f"{key}{ENTRY_SUFFIX}"

@@ -12,9 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from larp.config import LaRPConfig
+from larp.config import LaRPConfig, load_yaml_mapping
 from larp.data import DatasetError
 from larp.errors import ConfigError, LaRPError
 
@@ -38,19 +36,11 @@ def load_run_config(path: str | None) -> tuple[LaRPConfig, dict[str, Any]]:
     sections; with neither section the whole file is the model config."""
     if path is None:
         return LaRPConfig.tiny(), {}
-    file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"config file not found: {file}")
-    try:
-        data = yaml.safe_load(file.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{file} is not valid YAML: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"{file} must hold a mapping")
+    data = load_yaml_mapping(path)
     if "model" in data or "train" in data:
         extra = sorted(set(data) - {"model", "train"})
         if extra:
-            raise ConfigError(f"{file}: unknown sections {extra}; use 'model' and 'train'")
+            raise ConfigError(f"{path}: unknown sections {extra}; use 'model' and 'train'")
         model = LaRPConfig.from_dict(data.get("model") or {}) if data.get("model") else None
         return model or LaRPConfig.tiny(), dict(data.get("train") or {})
     return LaRPConfig.from_dict(data), {}

@@ -20,6 +20,41 @@ from larp.errors import ConfigError
 TINY_RANDOM_BACKBONE = "larp-tiny-random"
 
 
+def dataclass_from_dict(cls: type, data: Any, what: str) -> Any:
+    """Build a config dataclass from a mapping; unknown keys and bad values are named, never
+    ignored (a misspelt option silently falling back to its default is the worst sweep bug)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"a {what} must be a mapping, got {type(data).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(
+            f"unknown {what} keys {unknown}; valid keys are: {', '.join(sorted(known))}"
+        )
+    try:
+        return cls(**data)
+    except TypeError as exc:  # wrong value types surface here
+        raise ConfigError(f"invalid {what}: {exc}") from exc
+
+
+def load_yaml_mapping(path: str | Path, what: str = "config") -> dict[str, Any]:
+    """A YAML file that must hold a mapping (empty file: empty mapping)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of {what} keys")
+    return data
+
+
+TINY_SYNTHETIC_BACKBONE = "larp-tiny-synthetic"
+
+
 @dataclass(frozen=True)
 class LaRPConfig:
     """Model, inference and loss settings of LaRP-CLIP (paper §3, SPEC §1).
@@ -155,6 +190,27 @@ class LaRPConfig:
         base.update(overrides)
         return cls(**base)
 
+    @classmethod
+    def tiny_synthetic(cls, **overrides: Any) -> LaRPConfig:
+        """The small CPU configuration on the shipped tiny CLIP pretrained on the synthetic world
+        (`larp.zoo`; recipe `python -m larp.zoo.pretrain_tiny`): 112 px, 14x14 patch grid, four
+        vision layers all used as feature layers, text depth scaled to the 4-layer text tower.
+        """
+        base = dict(
+            backbone=TINY_SYNTHETIC_BACKBONE,
+            pretrained="synthetic",
+            image_size=112,
+            feature_layers=(1, 2, 3, 4),
+            shallow_layers=(1, 2),
+            vv_from_layer=2,
+            prompt_depth=4,
+            n_deep_tokens=4,
+            top_k=4,
+            blur_sigma=1.0,
+        )
+        base.update(overrides)
+        return cls(**base)
+
     def anomalyclip(self) -> LaRPConfig:
         """The built-in baseline: the same model with all four LaRP switches off."""
         return self.replace(
@@ -174,18 +230,7 @@ class LaRPConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LaRPConfig:
-        if not isinstance(data, dict):
-            raise ConfigError(f"a LaRP config must be a mapping, got {type(data).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(
-                f"unknown config keys {unknown}; valid keys are: {', '.join(sorted(known))}"
-            )
-        try:
-            return cls(**data)
-        except TypeError as exc:  # wrong value types surface here
-            raise ConfigError(f"invalid config: {exc}") from exc
+        return dataclass_from_dict(cls, data, "config")
 
     def to_yaml(self, path: str | Path | None = None) -> str:
         text = yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -195,11 +240,4 @@ class LaRPConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> LaRPConfig:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
-        return cls.from_dict(data or {})
+        return cls.from_dict(load_yaml_mapping(path))

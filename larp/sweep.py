@@ -15,13 +15,11 @@ import math
 import shutil
 import sys
 import tempfile
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from larp.config import LaRPConfig
+from larp.config import LaRPConfig, dataclass_from_dict, load_yaml_mapping
 from larp.data import DatasetError
 from larp.errors import ConfigError, LaRPError
 
@@ -67,11 +65,7 @@ class SweepConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SweepConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown sweep keys {unknown}; valid: {', '.join(sorted(known))}")
-        return cls(**data)
+        return dataclass_from_dict(cls, data, "sweep")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -524,15 +518,7 @@ def parse_args(argv: list[str] | None = None) -> SweepConfig:
     args = parser.parse_args(argv)
     data: dict[str, Any] = {}
     if args.config:
-        path = Path(args.config)
-        if not path.is_file():
-            raise ConfigError(f"sweep config not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path} must hold a mapping of sweep keys")
+        data = load_yaml_mapping(args.config, "sweep config")
     model = dict(data.get("model") or {})
     train = dict(data.get("train") or {})
     for flag, key in (("backbone", "backbone"), ("pretrained", "pretrained")):

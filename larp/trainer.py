@@ -19,7 +19,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from larp.backbone import BackboneFeatures, FrozenBackbone
 from larp.cache import CachedFeatureDataset, FeatureCache
 from larp.checkpoint import load_checkpoint, save_checkpoint
-from larp.config import LaRPConfig
+from larp.config import LaRPConfig, dataclass_from_dict
 from larp.data import AnomalyDataset, ImageRecord, read_records
 from larp.errors import ConfigError
 from larp.losses import larp_loss
@@ -112,14 +112,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown training keys {unknown}; valid: {', '.join(sorted(known))}")
-        try:
-            return cls(**data)
-        except TypeError as exc:
-            raise ConfigError(f"invalid training config: {exc}") from exc
+        return dataclass_from_dict(cls, data, "training")
 
 
 def seed_everything(seed: int) -> None:
