@@ -91,6 +91,13 @@ def defect_phrase(info: dict[str, Any], size: int) -> str:
     return f"a {kind.replace('_', ' ')} defect"
 
 
+def region_phrase(defective: dict[str, Any], size: int) -> str:
+    """The defect alone, as a caption of the defect's region ("a small red stain at the top.")."""
+    loc = defective.get("location")
+    where = f" at the {loc}" if loc else ""
+    return f"{defect_phrase(defective, size)}{where}."
+
+
 def caption_pair(
     clean: dict[str, Any], defective: dict[str, Any], rng: np.random.Generator, size: int
 ) -> tuple[str, str]:

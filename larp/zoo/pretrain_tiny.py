@@ -71,13 +71,14 @@ from larp.data.synthetic import (
 )
 from larp.data.transforms import pil_to_tensor
 from larp.zoo import MODEL_NAME, TAG, WEIGHTS_DIR, file_sha256, manifest_path_for
-from larp.zoo.captions import caption_pair
+from larp.zoo.captions import caption_pair, region_phrase
 
 RECIPE_VERSION = 1
 WEIGHTS_FILE = f"{MODEL_NAME}.safetensors"
 # The fixed input of the stored reference outputs (a TARGET domain: never trained on).
 REFERENCE_DOMAIN = "weave_olive"
 REFERENCE_SEED = 0
+GENERIC_TEXTS = ("a photo of a flawless object.", "a photo of a damaged object.")
 REFERENCE_TEXTS = ("a photo of a flawless woven texture.", "a photo of a damaged object.")
 
 
@@ -96,6 +97,13 @@ class PretrainConfig:
     region_weight: float = 1.0
     region_temperature: float = 0.07
     region_full_share: float = 0.25  # a patch this much covered by the defect is fully defective
+    # what a defect patch is contrasted with: "phrase" (the defect alone, "a red stain at the
+    # top.") or "caption" (the whole defect caption of the image)
+    region_text: str = "phrase"
+    # weight of the same region loss against two generic texts shared by every image
+    # (`GENERIC_TEXTS`): one "defect direction" for all domains, learnt far faster than
+    # per-image texts alone, and the notion LaRP's prompts ("... damaged object.") build on
+    generic_weight: float = 1.0
     vv_from_layer: int | None = 2
     render_size: int = 128  # rendered like the `synthetic:` sets, then resized to the model input
     precision: str = "fp32"  # or "bf16" (CPU autocast; faster where the CPU supports it)
@@ -107,6 +115,8 @@ class PretrainConfig:
             raise ValueError("steps and pairs_per_batch must be >= 1")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
+        if self.region_text not in ("phrase", "caption"):
+            raise ValueError(f"region_text must be phrase or caption, got {self.region_text!r}")
         if self.vv_from_layer is not None and self.vv_from_layer < 1:
             raise ValueError("vv_from_layer is 1-based (or None)")
 
@@ -122,6 +132,7 @@ class Batch:
     images: torch.Tensor  # [2P, 3, S, S] normalised; clean, defective, clean, defective, ...
     region_share: torch.Tensor  # [2P, N] defect share of each patch
     captions: list[str]  # [2P]
+    phrases: list[str]  # [P] the defect of pair p alone (region caption)
 
 
 def _render_pair(rng: np.random.Generator, size: int) -> tuple[np.ndarray, ...]:
@@ -147,10 +158,11 @@ def make_batch(config: PretrainConfig, step: int, image_size: int, grid: int) ->
     """Batch `step` of the run: a pure function of (seed, step)."""
     rng = np.random.default_rng([config.seed, step])
     size = config.render_size
-    images, shares, captions = [], [], []
+    images, shares, captions, phrases = [], [], [], []
     for _ in range(config.pairs_per_batch):
         clean, clean_info, bad, mask, bad_info = _render_pair(rng, size)
         normal_caption, defect_caption = caption_pair(clean_info, bad_info, rng, size)
+        phrases.append(region_phrase(bad_info, size))
         for picture, caption in ((clean, normal_caption), (bad, defect_caption)):
             images.append(pil_to_tensor(Image.fromarray(picture), image_size))
             captions.append(caption)
@@ -158,7 +170,7 @@ def make_batch(config: PretrainConfig, step: int, image_size: int, grid: int) ->
             torch.from_numpy(mask).float()[None, None], size=(grid, grid), mode="area"
         ).flatten()
         shares.extend([torch.zeros_like(share), share])
-    return Batch(torch.stack(images), torch.stack(shares), captions)
+    return Batch(torch.stack(images), torch.stack(shares), captions, phrases)
 
 
 # ---------------------------------------------------------------------------------- model
@@ -249,35 +261,32 @@ def train_step(
     target = (batch.region_share / full_share).clamp(0, 1)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.precision == "bf16"):
         global_feature, patches = image_tokens(model, batch.images, config.vv_from_layer)
-        text = model.encode_text(tokenizer(batch.captions))
+        texts = batch.captions + (batch.phrases if config.region_text == "phrase" else [])
+        text = model.encode_text(tokenizer(texts + list(GENERIC_TEXTS)))
+    text, generic = text[: len(texts)], F.normalize(text[len(texts) :].float(), dim=-1)
+    n_images = batch.images.shape[0]
     image_n = F.normalize(global_feature.float(), dim=-1)
     text_n = F.normalize(text.float(), dim=-1)
-    clip = loss_fn(image_n, text_n, model.logit_scale.exp())
-    # Both images of pair p are contrasted with the pair's clean (2p) and defect (2p+1) caption.
-    pair_text = text_n.view(-1, 2, text_n.shape[-1])
+    clip = loss_fn(image_n, text_n[:n_images], model.logit_scale.exp())
+    # Both images of pair p are contrasted with the pair's clean caption (2p) and its defect
+    # text: the defect phrase, or the defect caption (2p+1).
+    pair_text = text_n[:n_images].view(-1, 2, text_n.shape[-1])
     normal_text = pair_text[:, 0].repeat_interleave(2, dim=0)
-    defect_text = pair_text[:, 1].repeat_interleave(2, dim=0)
-    region = region_loss(patches, normal_text, defect_text, target, config.region_temperature)
+    defect = text_n[n_images:] if config.region_text == "phrase" else pair_text[:, 1]
+    defect_text = defect.repeat_interleave(2, dim=0)
+    tau = config.region_temperature
+    region = region_loss(patches, normal_text, defect_text, target, tau)
     loss = clip + config.region_weight * region
-    parts = {"loss": loss.item(), "clip": clip.item(), "region": region.item()}
+    parts = {"loss": 0.0, "clip": clip.item(), "region": region.item(), "generic": 0.0}
+    if config.generic_weight > 0:
+        n = normal_text.shape[0]
+        shared = region_loss(
+            patches, generic[0].expand(n, -1), generic[1].expand(n, -1), target, tau
+        )
+        loss = loss + config.generic_weight * shared
+        parts["generic"] = shared.item()
+    parts["loss"] = loss.item()
     return loss, parts
-
-
-class _BatchSource(torch.utils.data.Dataset):
-    """Batch `k` at index `k`; rendered in a worker process so it overlaps the training step."""
-
-    def __init__(self, config: PretrainConfig, image_size: int, grid: int) -> None:
-        self.config, self.image_size, self.grid = config, image_size, grid
-
-    def __len__(self) -> int:
-        return self.config.steps
-
-    def __getitem__(self, step: int) -> Batch:
-        return make_batch(self.config, step, self.image_size, self.grid)
-
-
-def _single_thread(_: int) -> None:
-    torch.set_num_threads(1)
 
 
 def pretrain(
@@ -285,12 +294,11 @@ def pretrain(
     progress: bool = True,
     snapshot_every: int = 0,
     snapshot_dir: Path | None = None,
-    render_workers: int = 1,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Train the tiny CLIP; returns the model and a log (seconds, loss curve).
 
-    `render_workers` processes render batches ahead (0: render in this process); the result
-    does not depend on it, since every batch is a pure function of (seed, step)."""
+    Batches are rendered in this process: a DataLoader worker process made each step several
+    times slower on a 2-core machine (the two compete for the same cores)."""
     model = create_model(config)
     tokenizer = open_clip.get_tokenizer(config.model_name)
     image_size = int(model.visual.image_size[0])
@@ -299,15 +307,10 @@ def pretrain(
     loss_fn = open_clip.loss.ClipLoss()
     curve: list[list[float]] = []
     recent: list[dict[str, float]] = []
-    started = time.perf_counter()
-    batches = torch.utils.data.DataLoader(
-        _BatchSource(config, image_size, grid),
-        batch_size=None,
-        num_workers=render_workers,
-        worker_init_fn=_single_thread if render_workers else None,
-    )
-    bar = tqdm(batches, desc="pretrain", disable=not progress, unit="step")
-    for step, batch in enumerate(bar):
+    started, cpu_started = time.perf_counter(), time.process_time()
+    bar = tqdm(range(config.steps), desc="pretrain", disable=not progress, unit="step")
+    for step in bar:
+        batch = make_batch(config, step, image_size, grid)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, config)
         loss, parts = train_step(model, batch, tokenizer, config, loss_fn)
@@ -319,10 +322,14 @@ def pretrain(
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
         recent.append(parts)
-        bar.set_postfix(loss=f"{parts['loss']:.3f}", clip=f"{parts['clip']:.3f}")
-        if (step + 1) % 25 == 0 or step + 1 == config.steps:
+        bar.set_postfix(
+            clip=f"{parts['clip']:.3f}",
+            region=f"{parts['region']:.3f}",
+            generic=f"{parts['generic']:.3f}",
+        )
+        if (step + 1) % 10 == 0 or step + 1 == config.steps:
             mean = {k: float(np.mean([r[k] for r in recent])) for k in recent[0]}
-            curve.append([step + 1, mean["loss"], mean["clip"], mean["region"]])
+            curve.append([step + 1, mean["loss"], mean["clip"], mean["region"], mean["generic"]])
             recent = []
         if snapshot_every and snapshot_dir is not None and (step + 1) % snapshot_every == 0:
             snapshot_dir.mkdir(parents=True, exist_ok=True)
@@ -330,9 +337,12 @@ def pretrain(
     model.eval()
     log = {
         "seconds": round(time.perf_counter() - started, 1),
+        # CPU time of the training process (all its threads; the render worker not counted):
+        # on a busy shared machine wall time says little about the recipe's own cost.
+        "cpu_seconds": round(time.process_time() - cpu_started, 1),
         "threads": torch.get_num_threads(),
         "final_loss": curve[-1][1] if curve else None,
-        "loss_curve_columns": ["step", "loss", "clip", "region"],
+        "loss_curve_columns": ["step", "loss", "clip", "region", "generic"],
         "loss_curve": [[int(c[0])] + [round(v, 4) for v in c[1:]] for c in curve],
     }
     return model, log
