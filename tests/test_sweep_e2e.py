@@ -137,7 +137,7 @@ def test_resume_after_killed_driver(tmp_path):
                 return False
             return any(r.info.status == "FINISHED" for r in runs)
 
-        _wait_for(one_trial_done, 300, "the first trial to finish")
+        _wait_for(one_trial_done, 900, "the first trial to finish")
     finally:
         os.killpg(first.pid, signal.SIGKILL)  # the driver and the Ray it started
         first.wait(timeout=30)
@@ -148,7 +148,7 @@ def test_resume_after_killed_driver(tmp_path):
     }
     dirs_before = _train_dirs(tmp_path, "resume")
     second = subprocess.run(
-        [*args, "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+        [*args, "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900
     )
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     train_runs = _runs(uri, "resume", "train")
