@@ -53,7 +53,7 @@ from larp.pixel import gaussian_blur, upsample  # noqa: E402
 from larp.prototype import prototype_deviation  # noqa: E402
 
 CONFIGS = {
-    "tiny": lambda: LaRPConfig.tiny(),
+    "tiny": lambda: LaRPConfig.tiny_random(),
     "vit-b-16": lambda: LaRPConfig(
         backbone="ViT-B-16",
         pretrained=None,

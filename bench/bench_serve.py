@@ -5,7 +5,7 @@ For each configuration (max_batch_size 1 or 8) x (1 or 2 replicas) the app is (r
 one local Ray Serve, warmed up, then ``--concurrency`` clients (default 16) post the same image
 back to back until ``--requests`` answers or ``--duration`` seconds, whichever comes first.
 Reported: throughput (answers/s), p50/p90/p99 latency, status counts and the mean batch size the
-replicas actually ran (from /info). The tiny random model (LaRPConfig.tiny(), 112 px) is used
+replicas actually ran (from /info). The tiny random model (LaRPConfig.tiny_random(), 112 px) is used
 unless ``--checkpoint`` is given. Results go to bench/results/serve.{json,md} with the machine.
 
     python bench/bench_serve.py                      # ~3 min on 2 CPUs
@@ -229,7 +229,7 @@ def run(args: argparse.Namespace) -> dict:
     try:
         checkpoint = args.checkpoint
         if checkpoint is None:
-            checkpoint = str(save_checkpoint(LaRPCLIP(LaRPConfig.tiny()), work / "ckpt"))
+            checkpoint = str(save_checkpoint(LaRPCLIP(LaRPConfig.tiny_random()), work / "ckpt"))
         body = _payload(args.image_size, args.format)
         ceiling = _ceiling(checkpoint, body, args.replica_cpus)
         print(f"in-process: {ceiling}", flush=True)
@@ -297,7 +297,9 @@ def run(args: argparse.Namespace) -> dict:
             speedups[str(replicas)] = by_batch[8]["throughput_rps"] / by_batch[1]["throughput_rps"]
     return {
         "benchmark": "serve",
-        "model": "LaRPConfig.tiny() random weights" if args.checkpoint is None else args.checkpoint,
+        "model": "LaRPConfig.tiny_random() random weights"
+        if args.checkpoint is None
+        else args.checkpoint,
         "payload": {"format": args.format, "size": args.image_size, "bytes": len(body)},
         "settings": {
             k: getattr(args, k)

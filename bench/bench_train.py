@@ -71,7 +71,7 @@ def ray_scaling(epochs: int, cache_dir: str) -> list[dict]:
                 progress=False,
             )
             start = time.perf_counter()
-            result = launch(LaRPConfig.tiny(), config)
+            result = launch(LaRPConfig.tiny_random(), config)
             wall = time.perf_counter() - start
             folder = Path(storage) / f"scale-{workers}"
             seconds = [

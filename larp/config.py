@@ -18,6 +18,19 @@ import yaml
 from larp.errors import ConfigError
 
 TINY_RANDOM_BACKBONE = "larp-tiny-random"
+TINY_SYNTHETIC_BACKBONE = "larp-tiny-synthetic"
+# the geometry both tiny backbones share: 112 px, 8 px patches (14x14 grid), four vision layers
+# all used as feature layers, text depth scaled to the 4-layer text tower
+_TINY_GEOMETRY: dict[str, Any] = dict(
+    image_size=112,
+    feature_layers=(1, 2, 3, 4),
+    shallow_layers=(1, 2),
+    vv_from_layer=2,
+    prompt_depth=4,
+    n_deep_tokens=4,
+    top_k=4,
+    blur_sigma=1.0,
+)
 
 
 def dataclass_from_dict(cls: type, data: Any, what: str) -> Any:
@@ -50,9 +63,6 @@ def load_yaml_mapping(path: str | Path, what: str = "config") -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of {what} keys")
     return data
-
-
-TINY_SYNTHETIC_BACKBONE = "larp-tiny-synthetic"
 
 
 @dataclass(frozen=True)
@@ -171,45 +181,18 @@ class LaRPConfig:
     # ------------------------------------------------------------------ presets
     @classmethod
     def tiny(cls, **overrides: Any) -> LaRPConfig:
-        """The small CPU configuration of the embedded default and of the tests.
-
-        Four vision layers all used as feature layers, text depth scaled to the 4-layer text tower.
-        """
-        base = dict(
-            backbone=TINY_RANDOM_BACKBONE,
-            pretrained=None,
-            image_size=112,
-            feature_layers=(1, 2, 3, 4),
-            shallow_layers=(1, 2),
-            vv_from_layer=2,
-            prompt_depth=4,
-            n_deep_tokens=4,
-            top_k=4,
-            blur_sigma=1.0,
-        )
-        base.update(overrides)
-        return cls(**base)
+        """The small CPU configuration of the embedded default: the tiny CLIP that ships with the
+        package, pretrained on the synthetic world (`larp.zoo`, recipe
+        `python -m larp.zoo.pretrain_tiny`), at 112 px."""
+        base = dict(_TINY_GEOMETRY, backbone=TINY_SYNTHETIC_BACKBONE, pretrained="synthetic")
+        return cls(**{**base, **overrides})
 
     @classmethod
-    def tiny_synthetic(cls, **overrides: Any) -> LaRPConfig:
-        """The small CPU configuration on the shipped tiny CLIP pretrained on the synthetic world
-        (`larp.zoo`; recipe `python -m larp.zoo.pretrain_tiny`): 112 px, 14x14 patch grid, four
-        vision layers all used as feature layers, text depth scaled to the 4-layer text tower.
-        """
-        base = dict(
-            backbone=TINY_SYNTHETIC_BACKBONE,
-            pretrained="synthetic",
-            image_size=112,
-            feature_layers=(1, 2, 3, 4),
-            shallow_layers=(1, 2),
-            vv_from_layer=2,
-            prompt_depth=4,
-            n_deep_tokens=4,
-            top_k=4,
-            blur_sigma=1.0,
-        )
-        base.update(overrides)
-        return cls(**base)
+    def tiny_random(cls, **overrides: Any) -> LaRPConfig:
+        """`tiny()` on a seeded random-init backbone: for unit tests, which need a backbone that
+        builds in milliseconds and owes nothing to a weights file. It cannot detect anything."""
+        base = dict(_TINY_GEOMETRY, backbone=TINY_RANDOM_BACKBONE, pretrained=None)
+        return cls(**{**base, **overrides})
 
     def anomalyclip(self) -> LaRPConfig:
         """The built-in baseline: the same model with all four LaRP switches off."""

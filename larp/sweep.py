@@ -26,7 +26,7 @@ from larp.errors import ConfigError, LaRPError
 METRICS = ("image_auroc", "image_ap", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max")
 SEARCHES = ("grid", "random", "optuna")
 MODES = ("partition", "ablation")
-PRESETS = {"tiny": LaRPConfig.tiny, "default": LaRPConfig}
+PRESETS = {"tiny": LaRPConfig.tiny, "tiny-random": LaRPConfig.tiny_random, "default": LaRPConfig}
 # Table 4, cumulative: the AnomalyCLIP baseline, then each LaRP component switched on in turn.
 ABLATIONS = {
     "anomalyclip": dict(

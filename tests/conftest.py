@@ -15,10 +15,10 @@ from larp.config import LaRPConfig
 
 # The configurations that tests parametrise over (SPEC §1.5 ablations and the V-V switch).
 CONFIGS = {
-    "tiny": LaRPConfig.tiny(),
-    "tiny-vv-off": LaRPConfig.tiny(vv_from_layer=None),
-    "tiny-anomalyclip": LaRPConfig.tiny().anomalyclip(),
-    "tiny-2layers": LaRPConfig.tiny(feature_layers=(2, 4), shallow_layers=(2,)),
+    "tiny": LaRPConfig.tiny_random(),
+    "tiny-vv-off": LaRPConfig.tiny_random(vv_from_layer=None),
+    "tiny-anomalyclip": LaRPConfig.tiny_random().anomalyclip(),
+    "tiny-2layers": LaRPConfig.tiny_random(feature_layers=(2, 4), shallow_layers=(2,)),
 }
 
 
@@ -34,7 +34,7 @@ def _single_torch_thread():
 
 @pytest.fixture(scope="session")
 def tiny_config() -> LaRPConfig:
-    return LaRPConfig.tiny()
+    return LaRPConfig.tiny_random()
 
 
 @pytest.fixture(scope="session")

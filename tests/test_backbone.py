@@ -81,7 +81,7 @@ def test_feature_shapes(name, make_backbone, images):
 @pytest.mark.parametrize("layers", [(1, 2, 3, 4), (2, 4), (3,)])
 def test_without_vv_tokens_are_the_ordinary_block_outputs(layers, make_backbone, images):
     bb = make_backbone(
-        LaRPConfig.tiny(
+        LaRPConfig.tiny_random(
             feature_layers=layers,
             shallow_layers=layers[:1],
             decouple_prompts=len(layers) > 1,
@@ -94,7 +94,7 @@ def test_without_vv_tokens_are_the_ordinary_block_outputs(layers, make_backbone,
 
 
 def test_vv_leaves_earlier_layers_and_changes_later_ones(make_backbone, images):
-    cfg = LaRPConfig.tiny(vv_from_layer=3)
+    cfg = LaRPConfig.tiny_random(vv_from_layer=3)
     feats = make_backbone(cfg).extract(images).patch_tokens
     plain = make_backbone(cfg.replace(vv_from_layer=None)).extract(images).patch_tokens
     for i, layer in enumerate(cfg.feature_layers):
@@ -113,7 +113,7 @@ def test_vv_leaves_earlier_layers_and_changes_later_ones(make_backbone, images):
 
 @pytest.mark.parametrize("vv_from", [1, 2, 4])
 def test_vv_path_matches_an_independent_computation(vv_from, make_backbone, images):
-    cfg = LaRPConfig.tiny(vv_from_layer=vv_from)
+    cfg = LaRPConfig.tiny_random(vv_from_layer=vv_from)
     bb = make_backbone(cfg)
     feats = bb.extract(images)
     later = [layer for layer in cfg.feature_layers if layer >= vv_from]
@@ -225,7 +225,7 @@ def test_non_tensor_input(backbone, images):
 )
 def test_bad_backbone_configs(change, words):
     with pytest.raises(BackboneError, match=words):
-        FrozenBackbone(LaRPConfig.tiny(**change))
+        FrozenBackbone(LaRPConfig.tiny_random(**change))
 
 
 # ---------------------------------------------------------------------------------- text

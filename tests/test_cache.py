@@ -22,7 +22,7 @@ SMALL = "synthetic:source?n=2&n_train=1"
 
 @pytest.fixture(scope="module")
 def backbone() -> FrozenBackbone:
-    return FrozenBackbone(LaRPConfig.tiny())
+    return FrozenBackbone(LaRPConfig.tiny_random())
 
 
 @pytest.fixture()
@@ -85,12 +85,14 @@ def test_same_content_elsewhere_hits(tmp_path, backbone, images):
 def test_backbone_settings_change_the_namespace(tmp_path, backbone, images, change):
     cache = FeatureCache(backbone, tmp_path / "cache")
     keys, _ = cache.fill(images[:1], progress=False)
-    other = FeatureCache(FrozenBackbone(LaRPConfig.tiny(**change)), tmp_path / "cache")
+    other = FeatureCache(FrozenBackbone(LaRPConfig.tiny_random(**change)), tmp_path / "cache")
     assert other.namespace != cache.namespace
     other_keys, stats = other.fill(images[:1], progress=False)
     assert other_keys != keys and stats.misses == 1
     # settings that do not touch the backbone share entries
-    same = FeatureCache(FrozenBackbone(LaRPConfig.tiny(lam=3.0, top_k=2)), tmp_path / "cache")
+    same = FeatureCache(
+        FrozenBackbone(LaRPConfig.tiny_random(lam=3.0, top_k=2)), tmp_path / "cache"
+    )
     assert same.namespace == cache.namespace
 
 
@@ -146,7 +148,7 @@ def test_cached_training_matches_uncached(tmp_path):
             cache_dir=str(tmp_path / "cache"),
             progress=False,
         )
-        trainer = Trainer(LaRPConfig.tiny(), cfg)
+        trainer = Trainer(LaRPConfig.tiny_random(), cfg)
         losses[use_cache] = [trainer.train_epoch(e)["loss"] for e in range(2)]
     np.testing.assert_allclose(losses[True], losses[False], rtol=1e-3)
     assert losses[True][1] != losses[True][0]

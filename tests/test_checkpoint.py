@@ -49,7 +49,7 @@ def trained(make_backbone, config: LaRPConfig, seed: int = 0) -> LaRPCLIP:
 
 @pytest.fixture
 def saved(make_backbone, tmp_path):
-    model = trained(make_backbone, LaRPConfig.tiny())
+    model = trained(make_backbone, LaRPConfig.tiny_random())
     path = save_checkpoint(
         model,
         tmp_path / "ckpt",
@@ -129,7 +129,7 @@ def test_manifest_contents(saved):
 
 def test_saving_again_replaces_the_checkpoint(saved, make_backbone, images):
     model, path = saved
-    other = trained(make_backbone, LaRPConfig.tiny(), seed=9)
+    other = trained(make_backbone, LaRPConfig.tiny_random(), seed=9)
     save_checkpoint(other, path)
     loaded = load_checkpoint(path, backbone=model.backbone)
     assert torch.equal(loaded.predict(images).score, other.predict(images).score)
@@ -171,7 +171,7 @@ def test_other_backbone_identity_is_refused(saved):
 
 def test_a_given_backbone_with_other_features_is_refused(saved, make_backbone):
     model, path = saved
-    other = make_backbone(LaRPConfig.tiny(vv_from_layer=None))
+    other = make_backbone(LaRPConfig.tiny_random(vv_from_layer=None))
     with pytest.raises(CheckpointError):
         load_checkpoint(path, backbone=other)
 
@@ -288,7 +288,7 @@ def test_missing_unexpected_and_misshapen_keys(saved):
 
 def test_checkpoint_of_an_ablation_does_not_fit_the_full_config(saved, make_backbone):
     model, path = saved
-    base = trained(make_backbone, LaRPConfig.tiny().anomalyclip())
+    base = trained(make_backbone, LaRPConfig.tiny_random().anomalyclip())
     save_file(
         {k: v.contiguous() for k, v in base.trainable_state_dict().items()},
         str(path / WEIGHTS_FILE),

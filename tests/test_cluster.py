@@ -273,7 +273,7 @@ def test_launch_refuses_before_any_worker_starts(tmp_path, monkeypatch):
         storage_path=str(tmp_path / "runs"),
     )
     with pytest.raises(ConfigError, match="3 alive nodes"):
-        train.launch(LaRPConfig.tiny(), config, ray_address="10.0.0.1:6379")
+        train.launch(LaRPConfig.tiny_random(), config, ray_address="10.0.0.1:6379")
     assert not (tmp_path / "runs").exists()
 
 

@@ -169,7 +169,7 @@ def test_head_local_storage_and_tracking_refused_before_work(cluster, tmp_path, 
         progress=False,
     )
     with pytest.raises(ConfigError, match=f"{1 + WORKER_NODES} alive nodes"):
-        launch(LaRPConfig.tiny(), config)
+        launch(LaRPConfig.tiny_random(), config)
     sweep = SweepConfig.from_dict(
         dict(
             partitions=[[1]],
@@ -204,7 +204,7 @@ def test_two_workers_train_on_two_nodes(cluster, shared_dir, monkeypatch):
         cache_dir=str(shared_dir / "cache"),
         progress=False,
     )
-    result = launch(LaRPConfig.tiny(), config)
+    result = launch(LaRPConfig.tiny_random(), config)
     assert result.error is None
     assert result.metrics["epoch"] == 1
     nodes = _train_worker_nodes(before)

@@ -8,7 +8,7 @@ import json
 import pytest
 from conftest import CONFIGS
 
-from larp.config import TINY_RANDOM_BACKBONE, LaRPConfig
+from larp.config import TINY_RANDOM_BACKBONE, TINY_SYNTHETIC_BACKBONE, LaRPConfig
 from larp.errors import ConfigError, LaRPError
 
 SWITCHES = ("decouple_prompts", "adaptive_fusion", "refiner", "prototype")
@@ -31,19 +31,23 @@ def test_defaults_are_the_spec_values():
     assert cfg.num_layers == 4
 
 
-def test_tiny_preset_and_overrides():
-    cfg = LaRPConfig.tiny()
+def test_tiny_presets_and_overrides():
+    shipped = LaRPConfig.tiny()
+    assert shipped.backbone == TINY_SYNTHETIC_BACKBONE and shipped.pretrained == "synthetic"
+    cfg = LaRPConfig.tiny_random()
     assert cfg.backbone == TINY_RANDOM_BACKBONE and cfg.pretrained is None
+    # one geometry, two backbones
+    assert shipped.replace(backbone=cfg.backbone, pretrained=None) == cfg
     assert cfg.image_size == 112 and cfg.feature_layers == (1, 2, 3, 4)
     assert cfg.shallow_layers == (1, 2) and cfg.deep_layers == (3, 4)
     assert cfg.prompt_depth == 4
-    assert LaRPConfig.tiny(top_k=7).top_k == 7
+    assert LaRPConfig.tiny_random(top_k=7).top_k == 7
     with pytest.raises(ConfigError):
-        LaRPConfig.tiny(top_k=0)
+        LaRPConfig.tiny_random(top_k=0)
 
 
 def test_anomalyclip_turns_off_exactly_the_four_switches():
-    cfg = LaRPConfig.tiny(lam=2.0, top_k=3)
+    cfg = LaRPConfig.tiny_random(lam=2.0, top_k=3)
     base = cfg.anomalyclip()
     assert not any(getattr(base, s) for s in SWITCHES)
     changed = {
@@ -74,7 +78,7 @@ def test_yaml_round_trip(name, tmp_path):
 
 
 def test_yaml_keeps_null_vv_and_partial_files_use_defaults(tmp_path):
-    cfg = LaRPConfig.tiny(vv_from_layer=None)
+    cfg = LaRPConfig.tiny_random(vv_from_layer=None)
     path = tmp_path / "c.yaml"
     cfg.to_yaml(path)
     assert "vv_from_layer: null" in path.read_text()
@@ -89,7 +93,7 @@ def test_yaml_keeps_null_vv_and_partial_files_use_defaults(tmp_path):
 
 
 def test_unknown_keys_are_listed():
-    data = LaRPConfig.tiny().to_dict()
+    data = LaRPConfig.tiny_random().to_dict()
     data["lamda"] = 1.0
     data["topk"] = 3
     with pytest.raises(ConfigError) as info:
@@ -162,12 +166,12 @@ INVALID = [
 @pytest.mark.parametrize("change,words", INVALID, ids=[str(c) for c, _ in INVALID])
 def test_invalid_values_are_refused(change, words):
     with pytest.raises(ConfigError, match=words):
-        LaRPConfig.tiny(**change)
+        LaRPConfig.tiny_random(**change)
     with pytest.raises(ConfigError):
-        LaRPConfig.from_dict({**LaRPConfig.tiny().to_dict(), **change})
+        LaRPConfig.from_dict({**LaRPConfig.tiny_random().to_dict(), **change})
     # replace() validates too
     with pytest.raises(ConfigError):
-        LaRPConfig.tiny().replace(**change)
+        LaRPConfig.tiny_random().replace(**change)
 
 
 def test_config_errors_are_larp_errors():
@@ -179,11 +183,11 @@ def test_config_errors_are_larp_errors():
     [{"lam": 0.0}, {"lam": 4.0}, {"top_k": 1}, {"vv_from_layer": None}, {"blur_sigma": 0.0}],
 )
 def test_boundary_values_are_accepted(change):
-    assert LaRPConfig.tiny(**change)
+    assert LaRPConfig.tiny_random(**change)
 
 
 def test_partition_is_disjoint_and_covering_by_construction():
-    for cfg in [*CONFIGS.values(), LaRPConfig(), LaRPConfig.tiny(shallow_layers=(3,))]:
+    for cfg in [*CONFIGS.values(), LaRPConfig(), LaRPConfig.tiny_random(shallow_layers=(3,))]:
         if not cfg.decouple_prompts:
             continue
         shallow, deep = set(cfg.shallow_layers), set(cfg.deep_layers)
@@ -193,11 +197,11 @@ def test_partition_is_disjoint_and_covering_by_construction():
 
 def test_shared_prompts_do_not_need_a_partition():
     # With one prompt group (AnomalyCLIP) there is nothing to partition.
-    cfg = LaRPConfig.tiny(decouple_prompts=False, shallow_layers=())
+    cfg = LaRPConfig.tiny_random(decouple_prompts=False, shallow_layers=())
     assert cfg.deep_layers == cfg.feature_layers
 
 
 def test_config_is_frozen():
-    cfg = LaRPConfig.tiny()
+    cfg = LaRPConfig.tiny_random()
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.lam = 2.0  # type: ignore[misc]

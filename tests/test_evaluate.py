@@ -20,7 +20,7 @@ DATA = "synthetic:target?n=2&n_train=1"
 @pytest.fixture(scope="module")
 def model() -> LaRPCLIP:
     torch.manual_seed(3)
-    net = LaRPCLIP(LaRPConfig.tiny())
+    net = LaRPCLIP(LaRPConfig.tiny_random())
     with torch.no_grad():  # make the head non-trivial so λ and k matter
         net.refiner.conv2.weight.normal_(0, 0.1)
         net.fusion.alpha.copy_(torch.tensor([0.5, -0.2, 0.1, 0.3]))

@@ -16,7 +16,7 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 @pytest.fixture(scope="module")
 def model() -> LaRPCLIP:
     torch.manual_seed(0)
-    return LaRPCLIP(LaRPConfig.tiny()).eval()
+    return LaRPCLIP(LaRPConfig.tiny_random()).eval()
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -95,7 +95,7 @@ def _mask():
     ],
 )
 def test_larp_loss_composition(changes):
-    cfg = LaRPConfig.tiny(**changes)
+    cfg = LaRPConfig.tiny_random(**changes)
     out, mask, labels = _output(), _mask(), torch.tensor([1, 0])
     total, parts = larp_loss(out, mask, labels, cfg)
     g = cfg.focal_gamma
@@ -119,15 +119,15 @@ def test_larp_loss_composition(changes):
 
 def test_partition_means_are_per_group_not_over_all_layers():
     out, mask, labels = _output(), _mask(), torch.tensor([1, 0])
-    a, _ = larp_loss(out, mask, labels, LaRPConfig.tiny(shallow_layers=(1,)))
-    b, _ = larp_loss(out, mask, labels, LaRPConfig.tiny(shallow_layers=(1, 2, 3)))
+    a, _ = larp_loss(out, mask, labels, LaRPConfig.tiny_random(shallow_layers=(1,)))
+    b, _ = larp_loss(out, mask, labels, LaRPConfig.tiny_random(shallow_layers=(1, 2, 3)))
     assert abs(a.item() - b.item()) > 1e-4
 
 
 def test_residual_term_vanishes_when_the_refiner_is_the_identity():
     out = _output()
     same = LaRPOutput(out.layer_maps, out.fused_map, out.error_prior, out.fused_map, out.text_score)
-    cfg = LaRPConfig.tiny()
+    cfg = LaRPConfig.tiny_random()
     _, a = larp_loss(same, _mask(), torch.tensor([1, 0]), cfg)
     _, b = larp_loss(same, _mask(), torch.tensor([1, 0]), cfg.replace(lambda_delta=10.0))
     assert a["loss_ref"] == pytest.approx(b["loss_ref"])
@@ -143,7 +143,7 @@ def test_loss_is_differentiable_in_the_maps():
         LaRPOutput(maps, fused, fused * 0.5, fused, s),
         _mask(),
         torch.tensor([1, 0]),
-        LaRPConfig.tiny(),
+        LaRPConfig.tiny_random(),
     )
     total.backward()
     assert maps.grad.abs().sum() > 0 and s.grad.abs().sum() > 0

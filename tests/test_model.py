@@ -104,7 +104,7 @@ def test_predict_is_the_composition_of_the_parts(name, make_backbone, images):
 
 
 def test_each_layer_reads_its_own_prompt_group(make_backbone, images):
-    cfg = LaRPConfig.tiny()  # shallow (1, 2), deep (3, 4)
+    cfg = LaRPConfig.tiny_random()  # shallow (1, 2), deep (3, 4)
     model = perturb(build(make_backbone, cfg))
     assert model.layer_group.tolist() == [1, 1, 2, 2]
     feats = model.backbone.extract(images)
@@ -119,7 +119,7 @@ def test_each_layer_reads_its_own_prompt_group(make_backbone, images):
 
 
 def test_blur_and_overrides(make_backbone, images):
-    cfg = LaRPConfig.tiny()
+    cfg = LaRPConfig.tiny_random()
     model = perturb(build(make_backbone, cfg))
     plain = model.predict(images, blur=False)
     torch.testing.assert_close(plain.anomaly_map, upsample(plain.final_map, 112), atol=1e-6, rtol=0)
@@ -136,7 +136,7 @@ def test_blur_and_overrides(make_backbone, images):
 
 
 def test_predict_is_per_image_and_deterministic(make_backbone, images):
-    model = perturb(build(make_backbone, LaRPConfig.tiny()))
+    model = perturb(build(make_backbone, LaRPConfig.tiny_random()))
     both = model.predict(images)
     one = model.predict(images[1:])
     for name in ("final_map", "anomaly_map", "prototype_deviation", "score"):
@@ -146,7 +146,7 @@ def test_predict_is_per_image_and_deterministic(make_backbone, images):
 
 
 def test_result_indexing_and_labels(make_backbone, images):
-    res = build(make_backbone, LaRPConfig.tiny()).predict(images)
+    res = build(make_backbone, LaRPConfig.tiny_random()).predict(images)
     first = res[1]
     assert isinstance(first, LaRPResult)
     assert first.anomaly_map.shape == (1, 112, 112) and first.lam == res.lam
@@ -165,7 +165,7 @@ def test_result_indexing_and_labels(make_backbone, images):
     ],
 )
 def test_bad_inputs(bad, words, make_backbone):
-    model = build(make_backbone, LaRPConfig.tiny())
+    model = build(make_backbone, LaRPConfig.tiny_random())
     with pytest.raises(InputError, match=words):
         model.predict(bad)
     with pytest.raises(InputError):
@@ -173,16 +173,16 @@ def test_bad_inputs(bad, words, make_backbone):
 
 
 def test_a_shared_backbone_must_match(make_backbone):
-    bb = make_backbone(LaRPConfig.tiny())
+    bb = make_backbone(LaRPConfig.tiny_random())
     for change in ({"backbone_seed": 1}, {"vv_from_layer": None}, {"feature_layers": (2, 4)}):
-        cfg = LaRPConfig.tiny(**change, shallow_layers=(2,))
+        cfg = LaRPConfig.tiny_random(**change, shallow_layers=(2,))
         with pytest.raises(ConfigError):
             LaRPCLIP(cfg, bb)
 
 
 # ---------------------------------------------------------------------------------- ablations
 def test_ablation_parameters(make_backbone):
-    full = build(make_backbone, LaRPConfig.tiny())
+    full = build(make_backbone, LaRPConfig.tiny_random())
     names = set(full.trainable_state_dict())
     assert names == {
         "prompt_learner.context",
@@ -195,20 +195,20 @@ def test_ablation_parameters(make_backbone):
     }
     assert {n for n, _ in full.named_parameters() if not n.startswith("backbone.")} == names
 
-    shared = build(make_backbone, LaRPConfig.tiny(decouple_prompts=False))
+    shared = build(make_backbone, LaRPConfig.tiny_random(decouple_prompts=False))
     assert shared.prompt_learner.context.shape[0] == 1
     assert shared.layer_group.tolist() == [0, 0, 0, 0]
 
-    fixed = build(make_backbone, LaRPConfig.tiny(adaptive_fusion=False))
+    fixed = build(make_backbone, LaRPConfig.tiny_random(adaptive_fusion=False))
     assert "fusion.alpha" not in dict(fixed.named_parameters())
     assert "fusion.alpha" not in fixed.trainable_state_dict()
     torch.testing.assert_close(fixed.fusion.weights(), torch.full((4,), 0.25))
 
-    no_ref = build(make_backbone, LaRPConfig.tiny(refiner=False))
+    no_ref = build(make_backbone, LaRPConfig.tiny_random(refiner=False))
     assert no_ref.refiner is None
     assert not [n for n in no_ref.trainable_state_dict() if n.startswith("refiner")]
 
-    base = build(make_backbone, LaRPConfig.tiny().anomalyclip())
+    base = build(make_backbone, LaRPConfig.tiny_random().anomalyclip())
     assert set(base.trainable_state_dict()) == {
         "prompt_learner.context",
         "prompt_learner.deep_tokens",
@@ -231,11 +231,11 @@ def _copy_shared(src: LaRPCLIP, dst: LaRPCLIP) -> None:
 
 
 def test_refiner_off_equals_an_untrained_refiner(make_backbone, images):
-    on = perturb(build(make_backbone, LaRPConfig.tiny()))
+    on = perturb(build(make_backbone, LaRPConfig.tiny_random()))
     with torch.no_grad():  # zero-init last conv: ψ is the identity again
         on.refiner.conv2.weight.zero_()
         on.refiner.conv2.bias.zero_()
-    off = build(make_backbone, LaRPConfig.tiny(refiner=False), seed=5)
+    off = build(make_backbone, LaRPConfig.tiny_random(refiner=False), seed=5)
     _copy_shared(on, off)
     a, b = on.predict(images), off.predict(images)
     _same(
@@ -258,8 +258,8 @@ def test_refiner_off_equals_an_untrained_refiner(make_backbone, images):
 
 
 def test_refiner_off_changes_only_the_final_map(make_backbone, images):
-    on = perturb(build(make_backbone, LaRPConfig.tiny()))
-    off = build(make_backbone, LaRPConfig.tiny(refiner=False))
+    on = perturb(build(make_backbone, LaRPConfig.tiny_random()))
+    off = build(make_backbone, LaRPConfig.tiny_random(refiner=False))
     _copy_shared(on, off)
     a, b = on.predict(images), off.predict(images)
     _same(
@@ -281,8 +281,8 @@ def test_refiner_off_changes_only_the_final_map(make_backbone, images):
 
 
 def test_prototype_off_changes_only_the_image_score(make_backbone, images):
-    on = perturb(build(make_backbone, LaRPConfig.tiny()))
-    off = build(make_backbone, LaRPConfig.tiny(prototype=False))
+    on = perturb(build(make_backbone, LaRPConfig.tiny_random()))
+    off = build(make_backbone, LaRPConfig.tiny_random(prototype=False))
     _copy_shared(on, off)
     a, b = on.predict(images), off.predict(images)
     _same(
@@ -296,8 +296,8 @@ def test_prototype_off_changes_only_the_image_score(make_backbone, images):
 
 
 def test_adaptive_fusion_off_equals_alpha_zero(make_backbone, images):
-    on = perturb(build(make_backbone, LaRPConfig.tiny()))
-    off = build(make_backbone, LaRPConfig.tiny(adaptive_fusion=False))
+    on = perturb(build(make_backbone, LaRPConfig.tiny_random()))
+    off = build(make_backbone, LaRPConfig.tiny_random(adaptive_fusion=False))
     _copy_shared(on, off)
     a, b = on.predict(images), off.predict(images)
     _same(a, b, ["layer_maps", "q", "prototype_deviation", "text_score"])
@@ -310,8 +310,8 @@ def test_adaptive_fusion_off_equals_alpha_zero(make_backbone, images):
 
 
 def test_decouple_off_reads_group_zero_everywhere(make_backbone, images):
-    on = perturb(build(make_backbone, LaRPConfig.tiny()))
-    off = build(make_backbone, LaRPConfig.tiny(decouple_prompts=False))
+    on = perturb(build(make_backbone, LaRPConfig.tiny_random()))
+    off = build(make_backbone, LaRPConfig.tiny_random(decouple_prompts=False))
     with torch.no_grad():  # the single group is the full model's global group
         off.prompt_learner.context.copy_(on.prompt_learner.context[:1])
         off.prompt_learner.deep_tokens.copy_(on.prompt_learner.deep_tokens[:1])
@@ -327,8 +327,8 @@ def test_decouple_off_reads_group_zero_everywhere(make_backbone, images):
 
 
 def test_anomalyclip_mode(make_backbone, images):
-    full = perturb(build(make_backbone, LaRPConfig.tiny()))
-    base = build(make_backbone, LaRPConfig.tiny().anomalyclip())
+    full = perturb(build(make_backbone, LaRPConfig.tiny_random()))
+    base = build(make_backbone, LaRPConfig.tiny_random().anomalyclip())
     with torch.no_grad():
         base.prompt_learner.context.copy_(full.prompt_learner.context[:1])
         base.prompt_learner.deep_tokens.copy_(full.prompt_learner.deep_tokens[:1])
@@ -371,7 +371,7 @@ def test_gradients_reach_the_head_only(name, make_backbone, images):
 
 
 def test_one_adam_step_lowers_the_loss(make_backbone, images):
-    cfg = LaRPConfig.tiny()
+    cfg = LaRPConfig.tiny_random()
     model = build(make_backbone, cfg)
     model.train()
     x, masks, labels = synthetic_batch(images)
@@ -390,7 +390,7 @@ def test_one_adam_step_lowers_the_loss(make_backbone, images):
 
 # ---------------------------------------------------------------------------------- text cache
 def test_text_embeddings_are_computed_once_at_inference(make_backbone, images, monkeypatch):
-    model = build(make_backbone, LaRPConfig.tiny())
+    model = build(make_backbone, LaRPConfig.tiny_random())
     model.eval()
     calls = count_prompt_passes(model, monkeypatch)
     first = model.predict(images)
@@ -417,7 +417,7 @@ def test_text_embeddings_are_computed_once_at_inference(make_backbone, images, m
 
 
 def test_training_forward_is_never_cached(make_backbone, images, monkeypatch):
-    model = build(make_backbone, LaRPConfig.tiny())
+    model = build(make_backbone, LaRPConfig.tiny_random())
     model.train()
     calls = count_prompt_passes(model, monkeypatch)
     out1 = model(images)
@@ -434,7 +434,7 @@ def test_training_forward_is_never_cached(make_backbone, images, monkeypatch):
 
 
 def test_cached_embeddings_equal_fresh_ones(make_backbone, images):
-    model = perturb(build(make_backbone, LaRPConfig.tiny()))
+    model = perturb(build(make_backbone, LaRPConfig.tiny_random()))
     model.eval()
     cached = model.predict(images)
     with torch.no_grad():

@@ -133,28 +133,38 @@ def test_refiner_starts_as_the_identity():
     torch.manual_seed(0)
     refiner = Refiner(16)
     fused, prior = torch.rand(3, 7, 7), torch.rand(3, 7, 7)
-    torch.testing.assert_close(refiner(fused, prior), fused, atol=0, rtol=0)
+    # sigmoid(logit(x)) == x up to float rounding and the eps that keeps logit finite
+    torch.testing.assert_close(refiner(fused, prior), fused, atol=2e-6, rtol=0)
     assert refiner.conv1.in_channels == 2 and refiner.conv1.out_channels == 16
     assert refiner.conv1.kernel_size == (3, 3) and refiner.conv2.kernel_size == (3, 3)
     assert refiner.conv2.out_channels == 1
     assert torch.count_nonzero(refiner.conv2.weight) == 0 and refiner.conv2.bias.item() == 0
 
 
-def test_refiner_adds_a_residual_and_clamps():
+def test_refiner_adds_its_residual_in_logit_space():
     refiner = Refiner(4)
-    fused = torch.tensor([[[0.0, 0.5, 0.95]]])
+    fused = torch.tensor([[[0.5, 0.2, 0.8]]])
     prior = torch.zeros_like(fused)
     with torch.no_grad():
-        refiner.conv2.bias.fill_(0.1)  # delta = 0.1 everywhere
-    torch.testing.assert_close(
-        refiner(fused, prior), torch.tensor([[[0.1, 0.6, 1.0]]]), atol=1e-6, rtol=0
-    )
-    with torch.no_grad():
-        refiner.conv2.bias.fill_(-5.0)
-    assert refiner(fused, prior).max().item() == 0.0
-    with torch.no_grad():
-        refiner.conv2.bias.fill_(5.0)
-    assert refiner(fused, prior).min().item() == 1.0
+        refiner.conv2.bias.fill_(math.log(3.0))  # ΔM = log 3: odds x3 everywhere
+    # odds 1 -> 3: 0.75; odds 1/4 -> 3/4: 3/7; odds 4 -> 12: 12/13
+    expected = torch.tensor([[[0.75, 3 / 7, 12 / 13]]])
+    torch.testing.assert_close(refiner(fused, prior), expected, atol=1e-6, rtol=0)
+
+
+def test_refiner_output_stays_a_probability_and_keeps_its_gradient_when_saturated():
+    """The residual is never clamped: a refiner pushed far towards 0 or 1 still learns."""
+    refiner = Refiner(4)
+    fused = torch.tensor([[[0.0, 0.3, 1.0]]])
+    prior = torch.zeros_like(fused)
+    for bias in (-8.0, 8.0):  # a clamped residual of this size would be flat 0 or 1
+        with torch.no_grad():
+            refiner.conv2.bias.fill_(bias)
+        out = refiner(fused, prior)
+        assert ((out >= 0) & (out <= 1)).all()
+        refiner.zero_grad()
+        (out.sum() if bias < 0 else (1 - out).sum()).backward()
+        assert refiner.conv2.bias.grad.abs().item() > 0
 
 
 def test_refiner_is_local_and_reads_the_error_prior():

@@ -12,7 +12,7 @@ from larp.prompts import PromptLearner, prompt_templates
 
 
 def make(make_backbone, **changes) -> PromptLearner:
-    cfg = LaRPConfig.tiny(**changes)
+    cfg = LaRPConfig.tiny_random(**changes)
     torch.manual_seed(0)
     return PromptLearner(cfg, make_backbone(cfg))
 
@@ -79,7 +79,7 @@ def test_sequences_splice_the_contexts(make_backbone, backbone):
 
 @pytest.mark.parametrize("decouple,groups", [(True, 3), (False, 1)])
 def test_one_batched_text_pass(decouple, groups, make_backbone, monkeypatch):
-    cfg = LaRPConfig.tiny(decouple_prompts=decouple)
+    cfg = LaRPConfig.tiny_random(decouple_prompts=decouple)
     bb = make_backbone(cfg)
     torch.manual_seed(0)
     learner = PromptLearner(cfg, bb)
@@ -143,11 +143,11 @@ def test_gradients_reach_context_and_deep_tokens(make_backbone, backbone):
 )
 def test_partition_errors(change, words):
     with pytest.raises(ConfigError, match=words):
-        LaRPConfig.tiny(**change)
+        LaRPConfig.tiny_random(**change)
 
 
 @pytest.mark.parametrize("shallow", [(1,), (1, 2), (1, 2, 3), (2, 4)])
 def test_partition_is_disjoint_and_covering(shallow):
-    cfg = LaRPConfig.tiny(shallow_layers=shallow)
+    cfg = LaRPConfig.tiny_random(shallow_layers=shallow)
     assert set(cfg.shallow_layers).isdisjoint(cfg.deep_layers)
     assert sorted(cfg.shallow_layers + cfg.deep_layers) == list(cfg.feature_layers)

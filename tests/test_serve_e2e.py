@@ -67,7 +67,7 @@ def server(tmp_path_factory):
     from serve.app import build
 
     tmp = tmp_path_factory.mktemp("serve")
-    ckpt = save_checkpoint(LaRPCLIP(LaRPConfig.tiny()), tmp / "ckpt", threshold=0.5)
+    ckpt = save_checkpoint(LaRPCLIP(LaRPConfig.tiny_random()), tmp / "ckpt", threshold=0.5)
     ray_dir = tempfile.mkdtemp(prefix="larp-ray-")  # short: Ray's socket paths have a limit
     port = _free_port()
     # for `serve.app:deployment` (no args): replicas inherit the environment Ray starts with

@@ -52,7 +52,7 @@ def test_two_workers_train_and_checkpoint_reproduces_metrics(ray_cluster, tmp_pa
     from larp.train import launch
 
     config = _config(tmp_path)
-    result = launch(LaRPConfig.tiny(), config)
+    result = launch(LaRPConfig.tiny_random(), config)
     assert result.error is None
     assert result.metrics["epoch"] == 3
     manifests = _manifests(tmp_path / "runs" / "run")
@@ -72,14 +72,16 @@ def test_killed_worker_resumes_and_rerun_continues(ray_cluster, tmp_path):
 
     marker = tmp_path / "fault-marker"
     config = _config(tmp_path, eval_data=None, max_failures=2, name="faulty")
-    result = launch(LaRPConfig.tiny(), config, fault_injection={"epoch": 2, "marker": str(marker)})
+    result = launch(
+        LaRPConfig.tiny_random(), config, fault_injection={"epoch": 2, "marker": str(marker)}
+    )
     assert marker.exists(), "the fault was not injected"
     assert result.error is None
     assert result.metrics["epoch"] == 3
     state = json.loads((Path(result.checkpoint.path) / STATE_JSON).read_text())
     assert state["epoch"] == 2 and state["param_groups"][0]["lr"] == pytest.approx(1e-2)
     # same name and storage, more epochs: continues from epoch 3 instead of starting over
-    longer = launch(LaRPConfig.tiny(), config.replace(epochs=4))
+    longer = launch(LaRPConfig.tiny_random(), config.replace(epochs=4))
     assert longer.error is None and longer.metrics["epoch"] == 4
     epochs = [m["extra"]["epoch"] for m in _manifests(tmp_path / "runs" / "faulty")]
     assert epochs.count(0) <= 1 and 3 in epochs
