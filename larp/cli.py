@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from larp.config import LaRPConfig, load_yaml_mapping
+from larp.config import PRECISION_CHOICES, LaRPConfig, load_yaml_mapping
 from larp.data import DatasetError
 from larp.errors import ConfigError, LaRPError
 
@@ -29,6 +29,20 @@ def _non_negative_float(text: str) -> float:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
+
+
+PRECISION_HELP = "backbone precision (auto: bf16 on CUDA, fp32 on CPU; the head stays fp32)"
+COMPILE_HELP = "torch.compile the vision pass (GPU; the first batch of each size compiles)"
+
+
+def _load_for_inference(args: argparse.Namespace):
+    """The checkpoint's model, with the vision pass compiled when asked."""
+    from larp.checkpoint import load_checkpoint
+
+    model = load_checkpoint(args.checkpoint)
+    if args.compile:
+        model.backbone.compile_vision()
+    return model
 
 
 def load_run_config(path: str | None) -> tuple[LaRPConfig, dict[str, Any]]:
@@ -94,12 +108,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------- eval
 def cmd_eval(args: argparse.Namespace) -> int:
     from larp.cache import FeatureCache
-    from larp.checkpoint import load_checkpoint
     from larp.data import read_records
     from larp.evaluate import evaluate
 
     records = read_records(args.data, skip_bad=args.skip_bad)
-    model = load_checkpoint(args.checkpoint)
+    model = _load_for_inference(args)
     cache = None if args.no_cache else FeatureCache(model.backbone, args.cache_dir)
     report = evaluate(
         model,
@@ -143,14 +156,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
     import numpy as np
     from PIL import Image
 
-    from larp.checkpoint import load_checkpoint
     from larp.data import denormalize, load_image
     from larp.visualize import overlay_panel
 
     for image in args.images:
         if not Path(image).is_file():
             raise ConfigError(f"image not found: {image}")
-    model = load_checkpoint(args.checkpoint)
+    model = _load_for_inference(args)
     threshold = model.manifest.get("threshold")
     threshold = 0.5 if threshold is None else float(threshold)
     size = model.config.image_size
@@ -227,7 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-cache", action="store_true")
     ev.add_argument("--cache-dir")
     ev.add_argument("--skip-bad", action="store_true", help="skip unreadable files (warns)")
-    ev.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
+    ev.add_argument("--precision", choices=PRECISION_CHOICES, default="auto", help=PRECISION_HELP)
+    ev.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     ev.add_argument("--loader-workers", type=int, default=0, help="parallel image decoding")
     ev.add_argument("--quiet", action="store_true")
     ev.set_defaults(func=cmd_eval)
@@ -245,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", help="folder for heat-map PNGs")
     pr.add_argument("--lam", type=_non_negative_float)
     pr.add_argument("--top-k", type=_positive_int)
-    pr.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
+    pr.add_argument("--precision", choices=PRECISION_CHOICES, default="auto", help=PRECISION_HELP)
+    pr.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     pr.set_defaults(func=cmd_predict)
     return parser
 

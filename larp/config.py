@@ -17,6 +17,8 @@ import yaml
 
 from larp.errors import ConfigError
 
+# backbone precisions of the inference path ("auto": bf16 on CUDA, fp32 elsewhere)
+PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")
 TINY_RANDOM_BACKBONE = "larp-tiny-random"
 TINY_SYNTHETIC_BACKBONE = "larp-tiny-synthetic"
 # the geometry both tiny backbones share: 112 px, 8 px patches (14x14 grid), four vision layers

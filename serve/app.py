@@ -26,7 +26,6 @@ event loop keeps accepting requests while a batch runs).
 # signatures of the ingress methods, which Serve rebuilds (string annotations fail there).
 
 import asyncio
-import contextlib
 import logging
 import math
 import time
@@ -145,6 +144,8 @@ class LaRPDetector:
         self.model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
+        if settings.compile:
+            self.model.backbone.compile_vision()
         manifest = self.model.manifest
         self.manifest = manifest
         self.checkpoint_id = str(manifest.get("checkpoint_id"))
@@ -191,15 +192,9 @@ class LaRPDetector:
 
     # ------------------------------------------------------------------ model
     def _run(self, items: list[tuple[torch.Tensor, bool]], count: bool = True) -> list[dict]:
-        """One model call on a batch (model thread). Autocast bf16 on CUDA."""
+        """One model call on a batch (model thread), at the configured backbone precision."""
         batch = torch.stack([tensor for tensor, _ in items]).to(self.device)
-        autocast = (
-            torch.autocast("cuda", dtype=torch.bfloat16)
-            if self.device.type == "cuda"
-            else contextlib.nullcontext()
-        )
-        with torch.inference_mode(), autocast:
-            result = self.model.predict(batch)
+        result = self.model.predict(batch, precision=self.settings.precision)
         score = result.score.float().cpu()
         text_score = result.text_score.float().cpu()
         map_score = result.map_score.float().cpu()

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from larp.config import PRECISION_CHOICES
 from larp.errors import ConfigError
 
 from .http import MB, Limits
@@ -48,6 +49,10 @@ class ServeSettings:
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     decode_threads: int = 2
+    # model: backbone precision ("auto": bf16 on CUDA, fp32 on CPU; the head stays fp32) and
+    # torch.compile of the vision pass (worth it on GPUs; the first batch of each size compiles)
+    precision: str = "auto"
+    compile: bool = False
     # input limits
     max_body_mb: float = 20.0
     max_megapixels: float = 40.0
@@ -258,6 +263,25 @@ def _str(name: str, raw: Any) -> str | None:
     return raw
 
 
+def _choice(*choices: str):
+    def parse_choice(name: str, raw: Any) -> str:
+        if not isinstance(raw, str) or raw.strip().lower() not in choices:
+            raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {raw!r}")
+        return raw.strip().lower()
+
+    return parse_choice
+
+
+def _bool(name: str, raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    if isinstance(raw, str) and raw.strip().lower() in ("true", "1", "yes", "on"):
+        return True
+    if isinstance(raw, str) and raw.strip().lower() in ("false", "0", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be true or false, got {raw!r}")
+
+
 def _number(name: str, raw: Any) -> int | float:
     value = _float(name, raw)
     return int(value) if value.is_integer() else value
@@ -291,6 +315,8 @@ _PARSERS = {
     "num_cpus": _float,
     "num_gpus": _float,
     "decode_threads": _int,
+    "precision": _choice(*PRECISION_CHOICES),
+    "compile": _bool,
     "max_body_mb": _float,
     "max_megapixels": _float,
 }

@@ -46,3 +46,23 @@ def test_auto_is_fp32_on_cpu(model):
 def test_unknown_precision_is_a_clear_error(model):
     with pytest.raises(ConfigError, match="precision"):
         model.predict(torch.randn(1, 3, 112, 112), precision="int8")
+
+
+@pytest.mark.slow  # inductor compiles C++ kernels: ~a minute on 2 cores
+def test_compiled_vision_pass_matches_eager():
+    torch.manual_seed(0)
+    eager = LaRPCLIP(LaRPConfig.tiny_random()).eval()
+    images = torch.randn(2, 3, 112, 112, generator=torch.Generator().manual_seed(3))
+    ref = eager.predict(images, precision="fp32")
+    eager.backbone.compile_vision()
+    assert eager.backbone._compiled_vision is not None
+    fast = eager.predict(images, precision="fp32")
+    torch.testing.assert_close(fast.score, ref.score, atol=1e-4, rtol=0)
+    torch.testing.assert_close(fast.anomaly_map, ref.anomaly_map, atol=1e-4, rtol=0)
+    torch.testing.assert_close(fast.layer_maps, ref.layer_maps, atol=1e-4, rtol=0)
+
+
+def test_unknown_compile_mode_is_a_clear_error(model):
+    with pytest.raises(ConfigError, match="compile mode"):
+        model.backbone.compile_vision("fastest")
+    assert model.backbone._compiled_vision is None

@@ -322,9 +322,12 @@ def test_builder_args_are_parsed_from_strings():
             "max_body_mb": "1.5",
             "max_megapixels": "2",
             "autoscaling_config": '{"upscale_delay_s": 5}',
+            "precision": "BF16",
+            "compile": "yes",
         }
     )
     assert s.max_batch_size == 4 and s.batch_wait_timeout_s == 0.05
+    assert s.precision == "bf16" and s.compile is True
     assert s.limits == Limits(max_bytes=int(1.5 * 2**20), max_pixels=2_000_000)
     opts = s.deployment_options()
     assert opts["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 0.5}
@@ -338,7 +341,10 @@ def test_builder_args_are_parsed_from_strings():
 
 
 def test_builder_defaults():
-    opts = parse_build_args({}).deployment_options()
+    defaults = parse_build_args({})
+    assert defaults.precision == "auto" and defaults.compile is False
+    assert parse_build_args({"compile": False, "precision": "fp32"}).compile is False
+    opts = defaults.deployment_options()
     assert opts["ray_actor_options"] == {"num_cpus": 1.0}  # no GPU asked for by default
     assert opts["max_ongoing_requests"] >= ServeSettings().max_batch_size
     assert opts["autoscaling_config"]["min_replicas"] == 1
@@ -372,6 +378,10 @@ def test_builder_rejects_unknown_keys_listing_the_valid_ones():
         ({"autoscaling_config": "[1, 2]"}, "must be a mapping"),
         ({"autoscaling_config": "{not json"}, "JSON object"),
         ({"max_replicas": 4, "autoscaling_config": {"max_replicas": 5}}, "different values"),
+        ({"precision": "int8"}, "precision must be one of auto, fp32, bf16, fp16"),
+        ({"precision": 16}, "precision must be one of"),
+        ({"compile": "maybe"}, "compile must be true or false"),
+        ({"compile": 1}, "compile must be true or false"),
     ],
 )
 def test_builder_rejects_bad_values(args, fragment):
