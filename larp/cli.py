@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from larp.config import PRECISION_CHOICES, LaRPConfig, load_yaml_mapping
+from larp.config import PRECISION_CHOICES, TINY_TRAIN_DEFAULTS, LaRPConfig, load_yaml_mapping
 from larp.data import DatasetError
 from larp.errors import ConfigError, LaRPError
 
@@ -49,14 +49,16 @@ def load_run_config(path: str | None) -> tuple[LaRPConfig, dict[str, Any]]:
     """A YAML file with optional `model:` (LaRPConfig keys) and `train:` (TrainConfig keys)
     sections; with neither section the whole file is the model config."""
     if path is None:
-        return LaRPConfig.tiny(), {}
+        return LaRPConfig.tiny(), dict(TINY_TRAIN_DEFAULTS)
     data = load_yaml_mapping(path)
     if "model" in data or "train" in data:
         extra = sorted(set(data) - {"model", "train"})
         if extra:
             raise ConfigError(f"{path}: unknown sections {extra}; use 'model' and 'train'")
-        model = LaRPConfig.from_dict(data.get("model") or {}) if data.get("model") else None
-        return model or LaRPConfig.tiny(), dict(data.get("train") or {})
+        train = dict(data.get("train") or {})
+        if data.get("model"):
+            return LaRPConfig.from_dict(data["model"]), train
+        return LaRPConfig.tiny(), {**TINY_TRAIN_DEFAULTS, **train}
     return LaRPConfig.from_dict(data), {}
 
 

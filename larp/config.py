@@ -33,6 +33,12 @@ _TINY_GEOMETRY: dict[str, Any] = dict(
     top_k=4,
     blur_sigma=1.0,
 )
+# Training settings that go with the tiny presets (`larp train` without a model config, the
+# sweep's `tiny` presets): Adam lr 1e-4 instead of the paper's 1e-3, which is tuned for ViT-L.
+# Chosen on held-out SOURCE-family images (synthetic:source?seed=7&n=60, never the target):
+# full LaRP on the shipped backbone, 15 epochs, reached 0.901 pixel AUROC at 1e-4 against 0.872
+# at 1e-3, where the decoupled prompt groups over-fit the training scenes.
+TINY_TRAIN_DEFAULTS: dict[str, Any] = {"lr": 1e-4}
 
 
 def dataclass_from_dict(cls: type, data: Any, what: str) -> Any:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from larp.config import LaRPConfig, dataclass_from_dict, load_yaml_mapping
+from larp.config import TINY_TRAIN_DEFAULTS, LaRPConfig, dataclass_from_dict, load_yaml_mapping
 from larp.data import DatasetError
 from larp.errors import ConfigError, LaRPError
 
@@ -27,6 +27,8 @@ METRICS = ("image_auroc", "image_ap", "pixel_auroc", "aupro", "image_f1_max", "p
 SEARCHES = ("grid", "random", "optuna")
 MODES = ("partition", "ablation")
 PRESETS = {"tiny": LaRPConfig.tiny, "tiny-random": LaRPConfig.tiny_random, "default": LaRPConfig}
+# training defaults of a preset, under whatever `train` gives
+PRESET_TRAIN = {"tiny": TINY_TRAIN_DEFAULTS, "tiny-random": TINY_TRAIN_DEFAULTS}
 # Table 4, cumulative: the AnomalyCLIP baseline, then each LaRP component switched on in turn.
 ABLATIONS = {
     "anomalyclip": dict(
@@ -79,7 +81,7 @@ class SweepConfig:
     def train_config(self):
         from larp.trainer import TrainConfig
 
-        values = dict(self.train)
+        values = {**PRESET_TRAIN.get(self.preset, {}), **self.train}
         values.setdefault("progress", False)
         # the trial itself holds trial_cpus while it waits for its workers: leave them room
         values.setdefault("cpus_per_worker", 1.0 - self.trial_cpus)

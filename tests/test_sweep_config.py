@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from larp.cli import load_run_config
+from larp.config import LaRPConfig
 from larp.data import DatasetError
 from larp.errors import ConfigError
 from larp.sweep import SweepConfig, main, parse_args
@@ -15,6 +17,26 @@ def test_default_grid_is_three_partitions_by_25_scorings():
     sweep = SweepConfig()
     assert list(sweep.variants()) == ["shallow=1", "shallow=1-2", "shallow=1-2-3"]
     assert len(sweep.lams) * len(sweep.top_ks) == 25
+
+
+def test_tiny_presets_train_at_their_own_lr_unless_told():
+    assert SweepConfig().base_model().backbone == "larp-tiny-synthetic"
+    assert SweepConfig().train_config().lr == 1e-4
+    assert SweepConfig(preset="tiny-random").train_config().lr == 1e-4
+    assert SweepConfig(train={"lr": 5e-4}).train_config().lr == 5e-4
+    assert SweepConfig(preset="default").train_config().lr == 1e-3  # the paper's
+
+
+def test_cli_run_config_defaults(tmp_path):
+    model, train = load_run_config(None)
+    assert model == LaRPConfig.tiny() and train == {"lr": 1e-4}
+    only_train = tmp_path / "train.yaml"
+    only_train.write_text("train:\n  epochs: 3\n")
+    assert load_run_config(str(only_train)) == (LaRPConfig.tiny(), {"lr": 1e-4, "epochs": 3})
+    own_model = tmp_path / "model.yaml"
+    own_model.write_text("model:\n  backbone: ViT-B-16\n  pretrained: null\ntrain:\n  epochs: 3\n")
+    model, train = load_run_config(str(own_model))
+    assert model.backbone == "ViT-B-16" and train == {"epochs": 3}  # no tiny defaults
 
 
 def test_ablation_mode_trains_the_table4_variants_with_the_baseline():
