@@ -33,8 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -42,10 +40,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import open_clip
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from common import machine  # noqa: E402
 
 from larp.backbone import FrozenBackbone  # noqa: E402
 from larp.cache import FeatureCache  # noqa: E402
@@ -262,29 +263,6 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def machine_info() -> dict[str, Any]:
-    import open_clip
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "platform": platform.platform(),
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "load_average_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "open_clip": open_clip.__version__,
-    }
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -394,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
             "larp_config": shipped.to_dict(),
             "targets": targets,
             "seconds": round(time.perf_counter() - started, 1),
-            "machine": machine_info(),
+            "machine": {**machine(), "open_clip": open_clip.__version__},
         },
         "summary": summary,
         "checks": checks,

@@ -19,7 +19,6 @@ import asyncio
 import io
 import json
 import os
-import platform
 import shutil
 import socket
 import statistics
@@ -36,6 +35,7 @@ if str(ROOT) not in sys.path:
 
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
+from common import machine as common_machine  # noqa: E402
 from PIL import Image  # noqa: E402
 
 CONFIGS = [  # (max_batch_size, replicas)
@@ -60,36 +60,6 @@ def _payload(size: int, fmt: str) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(noisy, "RGB").save(buf, format=fmt)
     return buf.getvalue()
-
-
-def _machine() -> dict:
-    import ray
-    import torch
-
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem_gib = None
-    try:
-        mem_gib = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
-    except (ValueError, OSError):
-        pass
-    return {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "memory_gib": mem_gib,
-        "torch": torch.__version__,
-        "cuda": torch.cuda.is_available(),
-        "ray": ray.__version__,
-        "loadavg_start": os.getloadavg(),
-    }
 
 
 def _wait_ready(url: str, timeout_s: float = 180) -> None:
@@ -242,7 +212,7 @@ def run(args: argparse.Namespace) -> dict:
             logging_level="warning",
             log_to_driver=False,
         )
-        machine = _machine()
+        machine = {**common_machine(), "ray": ray.__version__}
         rows = []
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": port})

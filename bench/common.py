@@ -23,7 +23,15 @@ def machine() -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        # other jobs on a shared machine colour every figure: say how busy it was
+        "load_average_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
+    try:
+        info["memory_gib"] = round(
+            os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1
+        )
+    except (ValueError, OSError, AttributeError):
+        pass
     try:
         with open("/proc/cpuinfo") as handle:
             for line in handle:

@@ -26,7 +26,7 @@ BENCHES = {
     "train": ("bench_train.py", [], ["--epochs", "5", "--skip-ray", "--backbones", "tiny"]),
     "sweep": ("bench_sweep.py", [], ["--epochs", "3"]),
     "serve": ("bench_serve.py", [], []),
-    "demo": ("bench_demo.py", [], []),
+    "demo": ("bench_demo.py", [], ["--seeds", "0", "--epochs", "3", "--eval-n", "24"]),
 }
 
 
