@@ -27,9 +27,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from larp.backbone import BackboneFeatures, FrozenBackbone
-from larp.checkpoint import file_sha256
 from larp.data import ImageRecord, load_image, load_mask
 from larp.errors import ConfigError
+from larp.files import file_sha256
 
 DEFAULT_BUDGET_BYTES = 20 * 1024**3
 ENTRY_SUFFIX = ".safetensors"

@@ -9,7 +9,6 @@ cannot execute code.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -24,20 +23,13 @@ from safetensors.torch import load_file, save_file
 from larp.backbone import FrozenBackbone
 from larp.config import LaRPConfig
 from larp.errors import CheckpointError, ConfigError, LaRPError
+from larp.files import file_sha256
 from larp.model import LaRPCLIP
 
 FORMAT = "larp-checkpoint"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "weights.safetensors"
 MANIFEST_FILE = "manifest.json"
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def save_checkpoint(

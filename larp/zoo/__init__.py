@@ -11,12 +11,12 @@ config that changed since the weights were made is refused with a `BackboneError
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 from larp.errors import BackboneError
+from larp.files import file_sha256
 
 MODEL_NAME = "larp-tiny-synthetic"
 TAG = "synthetic"
@@ -31,14 +31,6 @@ SHIPPED: dict[tuple[str, str], str] = {
 # path -> (size, mtime_ns, sha256): hashing ~9 MB each time a backbone is built is cheap, but
 # tests and sweeps build many; a file changed in place gets a new mtime and is hashed again.
 _digests: dict[str, tuple[int, int, str]] = {}
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _cached_sha256(path: Path) -> str:
