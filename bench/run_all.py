@@ -1,6 +1,6 @@
 """One entry point for every benchmark of the project.
 
-    python bench/run_all.py [--only model,metrics,train,sweep,serve,demo] [--quick]
+    python bench/run_all.py [--only model,metrics,train,sweep,serve,demo,gpu] [--quick]
 
 Runs each benchmark script in its own process (so one's threads and memory don't colour the
 next), then joins their `bench/results/<name>.md` tables into `bench/results/SUMMARY.md` and
@@ -27,6 +27,8 @@ BENCHES = {
     "sweep": ("bench_sweep.py", [], ["--epochs", "3"]),
     "serve": ("bench_serve.py", [], []),
     "demo": ("bench_demo.py", [], ["--seeds", "0", "--epochs", "3", "--eval-n", "24"]),
+    # without CUDA the full run only records that there was no GPU; --quick smoke-runs it on CPU
+    "gpu": ("bench_gpu.py", [], ["--device", "cpu", "--config", "tiny", "--batches", "1,4"]),
 }
 
 
