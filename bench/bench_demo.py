@@ -32,7 +32,6 @@ part, warp), where a colour rule cannot work.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -40,13 +39,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import open_clip
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import machine  # noqa: E402
+from common import add_out_argument, machine, write_results  # noqa: E402
 
 from larp.backbone import FrozenBackbone  # noqa: E402
 from larp.cache import FeatureCache  # noqa: E402
@@ -253,12 +251,6 @@ def markdown(result: dict[str, Any]) -> str:
         f"above the AnomalyCLIP mode (pixel and image AUROC): "
         f"{'yes' if result['checks']['above_anomalyclip'] else 'NO'}.",
         "",
-        "## Machine",
-        "",
-        "```",
-        json.dumps(meta["machine"], indent=1),
-        "```",
-        "",
     ]
     return "\n".join(lines)
 
@@ -277,11 +269,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="use this weights file for the shipped backbone (experiments)")  # fmt: skip
     parser.add_argument("--vv-from-layer", default=None,
                         help="override vv_from_layer of the shipped config ('none' for off)")  # fmt: skip
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    add_out_argument(parser)
     parser.add_argument("--name", default="demo", help="output file stem")
     parser.add_argument("--cache-dir", default=None, help="feature cache (default: a temp dir)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    described = machine()
     started = time.perf_counter()
 
     overrides: dict[str, Any] = {}
@@ -372,16 +365,13 @@ def main(argv: list[str] | None = None) -> int:
             "larp_config": shipped.to_dict(),
             "targets": targets,
             "seconds": round(time.perf_counter() - started, 1),
-            "machine": {**machine(), "open_clip": open_clip.__version__},
         },
         "summary": summary,
         "checks": checks,
         "per_seed": {m: {str(s): r for s, r in runs.items()} for m, runs in per_seed.items()},
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=1) + "\n")
-    (args.out / f"{args.name}.md").write_text(markdown(result))
     print(markdown(result))
+    write_results(args.name, {"machine": described, **result}, markdown(result), args.out)
     tmp.cleanup()
     return 0
 

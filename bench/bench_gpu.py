@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from common import table, write_results  # noqa: E402
+from common import add_out_argument, machine, table, write_results  # noqa: E402
 
 from larp.config import LaRPConfig  # noqa: E402
 from larp.model import LaRPCLIP, backbone_autocast  # noqa: E402
@@ -233,6 +233,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--peak-tflops", type=float, help="the device's dense peak, if unknown")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
+    add_out_argument(parser)
     args = parser.parse_args(argv)
     try:
         args.batches = [int(b) for b in args.batches.split(",")]
@@ -247,11 +248,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    described = machine()
     if args.device == "cuda" and not torch.cuda.is_available():
         result = {"skipped": "no CUDA device on this machine (smoke run: --device cpu)"}
     else:
         result = run(args)
-    path = write_results("gpu", result, markdown(result))
+    path = write_results("gpu", {"machine": described, **result}, markdown(result), args.out)
     print(path.read_text())
     return 0
 

@@ -16,16 +16,13 @@ process's peak RSS. Synthetic maps resemble a CLIP detector's output: a 37x37 pa
 sigma 4 as at evaluation; masks are 1-3 rotated ellipses (0.01 %-5 % of the image) on ~73 %
 of the images (MVTec AD: 1,258 of 1,725 test images are defective).
 
-    python bench/bench_metrics.py --n-maps 1700 --size 518 --out bench/out/metrics.json
+    python bench/bench_metrics.py --n-maps 1700 --size 518 [--out FOLDER]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import platform
 import resource
 import sys
 import time
@@ -40,6 +37,8 @@ from scipy import ndimage
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from common import add_out_argument, machine, write_results  # noqa: E402
 
 GRID = 37  # patch grid of a ViT-L/14 at 518
 
@@ -233,11 +232,7 @@ def _in_child(fn, *args) -> dict:
 
 
 def markdown(result: dict) -> str:
-    m = result["machine"]
     lines = [
-        f"Machine: {m['platform']}, {m['cpu_count']} CPUs, Python {m['python']}, "
-        f"numpy {m['numpy']}",
-        "",
         "| run | maps | pixels | metric time (s) | peak memory (MB) | peak RSS growth (MB) "
         "| pixel AUROC | AUPRO@0.3 |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
@@ -299,22 +294,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--naive-maps", type=int, default=200, help="0 skips the naive phase")
     p.add_argument("--naive-size", type=int, default=None, help="default: --size")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--out",
-        type=Path,
-        default=Path(__file__).parent / "results" / "metrics.json",
-        help="results JSON (a .md table is written beside it)",
-    )
+    add_out_argument(p)
     args = p.parse_args(argv)
 
     result: dict = {
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "python": platform.python_version(),
-            "numpy": np.__version__,
-        },
+        "machine": machine(numpy=np.__version__),
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
     }
     if args.n_maps > 0:
@@ -331,12 +315,8 @@ def main(argv: list[str] | None = None) -> dict:
             args.seed,
         )
     text = markdown(result)
-    result["markdown"] = text
     print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2, default=float))
-        args.out.with_suffix(".md").write_text(text + "\n")
+    write_results("metrics", result, text, args.out)
     return result
 
 

@@ -29,10 +29,7 @@ Writes ``bench/results/model.json`` and ``bench/results/model.md``.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import platform
 import statistics
 import sys
 import time
@@ -44,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import open_clip  # noqa: E402
+from common import add_out_argument, machine, write_results  # noqa: E402
 
 from larp.backbone import FrozenBackbone  # noqa: E402
 from larp.config import LaRPConfig  # noqa: E402
@@ -136,22 +133,6 @@ def time_all(
                 fn()
                 times[name].append(time.perf_counter() - start)
     return times
-
-
-def machine() -> dict:
-    info = {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "open_clip": open_clip.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "device": "cpu",
-    }
-    if hasattr(os, "getloadavg"):
-        info["load_average_at_start"] = [round(x, 2) for x in os.getloadavg()]
-    return info
 
 
 def run(names: list[str], batch: int, repeats: int, warmup: int, min_seconds: float = 0.0) -> dict:
@@ -253,13 +234,9 @@ def markdown_config(name: str, entry: dict) -> str:
 
 
 def markdown(results: dict) -> str:
-    m = results["machine"]
     lines = [
         "# LaRP-CLIP inference benchmark (CPU)",
         "",
-        f"Machine: {m['platform']}, {m['processor']}, {m['cpu_count']} CPUs, "
-        f"torch {m['torch']} ({m['torch_threads']} threads), open_clip {m['open_clip']}, "
-        f"Python {m['python']}; load average at start {m.get('load_average_at_start')}.",
         f"Batch {results['batch']}, {results['warmup']} warm-up + at least "
         f"{results['repeats']} timed rounds (more until ~{results['min_seconds']:g} s of timing), "
         "each round running every variant once; `torch.inference_mode`; random-init weights.",
@@ -295,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         help="add rounds for fast configs until the timing takes about this long",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    add_out_argument(parser)
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.configs.split(",") if n.strip()]
     unknown = [n for n in names if n not in CONFIGS]
@@ -304,10 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     results = run(names, args.batch, args.repeats, args.warmup, args.min_seconds)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "model.json").write_text(json.dumps(results, indent=2))
-    (args.out / "model.md").write_text(markdown(results))
-    print(f"wrote {args.out / 'model.json'} and {args.out / 'model.md'}")
+    write_results("model", results, markdown(results), args.out)
     return 0
 
 

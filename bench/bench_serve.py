@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
-import json
 import os
 import shutil
 import socket
@@ -35,7 +34,7 @@ if str(ROOT) not in sys.path:
 
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
-from common import machine as common_machine  # noqa: E402
+from common import add_out_argument, machine, write_results  # noqa: E402
 from PIL import Image  # noqa: E402
 
 CONFIGS = [  # (max_batch_size, replicas)
@@ -212,7 +211,7 @@ def run(args: argparse.Namespace) -> dict:
             logging_level="warning",
             log_to_driver=False,
         )
-        machine = {**common_machine(), "ray": ray.__version__}
+        described = machine(ray=ray.__version__)
         rows = []
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -256,7 +255,7 @@ def run(args: argparse.Namespace) -> dict:
                 serve.shutdown()
             finally:
                 ray.shutdown()
-        machine["loadavg_end"] = os.getloadavg()
+        described["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -265,6 +264,11 @@ def run(args: argparse.Namespace) -> dict:
         by_batch = {row["max_batch_size"]: row for row in rows if row["replicas"] == replicas}
         if by_batch.get(1, {}).get("throughput_rps"):
             speedups[str(replicas)] = by_batch[8]["throughput_rps"] / by_batch[1]["throughput_rps"]
+    # issue #9: the endpoint under load against the model's own offline throughput, on the same
+    # CPU share (one replica, batching on, vs the in-process model at batch 8)
+    batched_one = [r for r in rows if r["replicas"] == 1 and r["max_batch_size"] == 8]
+    offline = ceiling["model_images_per_s_batch8"]
+    kept = batched_one[0]["throughput_rps"] / offline if batched_one and offline else None
     return {
         "benchmark": "serve",
         "model": "LaRPConfig.tiny_random() random weights"
@@ -283,12 +287,15 @@ def run(args: argparse.Namespace) -> dict:
                 "replica_cpus",
             )
         },
-        "machine": machine,
+        "machine": described,
         "in_process": ceiling,
         "rows": rows,
         "batching_speedup_by_replicas": speedups,
         "target": "batching (max_batch_size 8) at least doubles throughput at concurrency 16",
         "target_met": bool(speedups) and all(v >= 2.0 for v in speedups.values()),
+        "endpoint_vs_offline": kept,
+        "endpoint_target": "one replica keeps at least 80 % of the model's offline throughput",
+        "endpoint_target_met": kept is not None and kept >= 0.8,
     }
 
 
@@ -306,7 +313,6 @@ def _row_line(row: dict) -> str:
 
 
 def markdown(report: dict) -> str:
-    m = report["machine"]
     lines = [
         "# Serving benchmark (`bench/bench_serve.py`)",
         "",
@@ -316,11 +322,8 @@ def markdown(report: dict) -> str:
         f"{report['settings']['requests']} requests or {report['settings']['duration']} s per "
         f"row; batch_wait_timeout_s {report['settings']['batch_wait_timeout_s']}.",
         "",
-        f"Machine: {m['cpu']} ({m['cpu_count']} CPUs), {m['memory_gib']} GiB, {m['platform']}, "
-        f"Python {m['python']}, torch {m['torch']}, Ray {m['ray']}, CUDA {m['cuda']}; "
         f"Ray given {report['settings']['num_cpus']} CPUs, {report['settings']['replica_cpus']} "
-        f"per replica; load average {tuple(round(x, 2) for x in m['loadavg_start'])} at start, "
-        f"{tuple(round(x, 2) for x in m['loadavg_end'])} at end (shared machine).",
+        "per replica.",
         "",
         "| max_batch_size | replicas | throughput (req/s) | p50 (ms) | p90 (ms) | p99 (ms) "
         "| mean batch run | answered | statuses |",
@@ -349,6 +352,12 @@ def markdown(report: dict) -> str:
         "same concurrency: " + ", ".join(f"{r['healthz_rps']:.0f}" for r in report["rows"])
     )
     lines.append(f"- target ({report['target']}): {'met' if report['target_met'] else 'NOT met'}")
+    if report.get("endpoint_vs_offline") is not None:
+        lines.append(
+            f"- endpoint vs offline: {report['endpoint_vs_offline']:.0%} of the in-process model's "
+            f"batch-8 throughput (target: {report['endpoint_target']}): "
+            f"{'met' if report['endpoint_target_met'] else 'NOT met'}"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -364,16 +373,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", default="PNG", choices=["PNG", "JPEG", "BMP", "TIFF"])
     parser.add_argument("--num-cpus", type=int, default=2, help="CPUs given to the local Ray")
     parser.add_argument("--replica-cpus", type=float, default=1.0)
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    add_out_argument(parser)
     args = parser.parse_args(argv)
     if args.requests < 1 or args.duration <= 0 or args.concurrency < 1:
         parser.error("--requests, --duration and --concurrency must be positive")
     report = run(args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "serve.json").write_text(json.dumps(report, indent=2))
-    (args.out / "serve.md").write_text(markdown(report))
     print(markdown(report))
-    print(f"wrote {args.out / 'serve.json'} and {args.out / 'serve.md'}")
+    write_results("serve", report, markdown(report), args.out)
     return 0
 
 

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import table, write_results  # noqa: E402
+from common import add_out_argument, machine, table, write_results  # noqa: E402
 
 from larp.evaluate import evaluate, rescore  # noqa: E402
 from larp.sweep import SweepConfig  # noqa: E402
@@ -39,7 +39,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--with-ray", action="store_true")
+    add_out_argument(parser)
     args = parser.parse_args()
+    described = machine()
     sweep = SweepConfig()
     base = sweep.base_model()
     with tempfile.TemporaryDirectory() as cache_dir:
@@ -70,7 +72,13 @@ def main() -> None:
         ["full grid, naive (retrain per configuration, estimated)", scored,
          f"{scored * plain:.0f}", f"{scored:.0f}"],
     ]  # fmt: skip
-    results = {"epochs": args.epochs, "plain_s": plain, "grid_s": grid, "rescore_s": rescore_time}
+    results = {
+        "machine": described,
+        "epochs": args.epochs,
+        "plain_s": plain,
+        "grid_s": grid,
+        "rescore_s": rescore_time,
+    }
     if args.with_ray:
         from larp.sweep import run_sweep
 
@@ -91,7 +99,7 @@ def main() -> None:
     md = "## Sweep cost: 75 configurations vs one plain training run\n\n" + table(
         ["what", "configurations", "seconds", "x one plain run"], rows
     )
-    path = write_results("sweep", results, md)
+    path = write_results("sweep", results, md, args.out)
     print(path.read_text())
 
 

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import table, write_results  # noqa: E402
+from common import add_out_argument, machine, table, write_results  # noqa: E402
 
 from larp import LaRPConfig  # noqa: E402
 from larp.trainer import TrainConfig, Trainer  # noqa: E402
@@ -95,8 +95,9 @@ def main() -> None:
     parser.add_argument("--backbones", default="tiny,vitb16")
     parser.add_argument("--vitb16-epochs", type=int, default=3)
     parser.add_argument("--skip-ray", action="store_true")
+    add_out_argument(parser)
     args = parser.parse_args()
-    results = {"cache": {}, "ray": None}
+    results = {"machine": machine(), "cache": {}, "ray": None}
     rows = []
     for name in args.backbones.split(","):
         build, data = BACKBONES[name]
@@ -143,7 +144,7 @@ def main() -> None:
                 for r in results["ray"]
             ],
         )
-    path = write_results("train", results, md)
+    path = write_results("train", results, md, args.out)
     print(path.read_text())
 
 
