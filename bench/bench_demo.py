@@ -39,12 +39,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import add_out_argument, machine, write_results  # noqa: E402
+from common import add_out_argument, add_threads_argument, machine, set_threads, write_results  # noqa: E402
 
 from larp.backbone import FrozenBackbone  # noqa: E402
 from larp.cache import FeatureCache  # noqa: E402
@@ -259,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=15)
-    parser.add_argument("--threads", type=int, default=2)
+    add_threads_argument(parser, default=2)
     parser.add_argument("--lr", type=float, default=TINY_TRAIN_DEFAULTS["lr"],
                         help="Adam lr of prompt training, every trained method")  # fmt: skip
     parser.add_argument("--eval-n", type=int, default=60,
@@ -273,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default="demo", help="output file stem")
     parser.add_argument("--cache-dir", default=None, help="feature cache (default: a temp dir)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     described = machine()
     started = time.perf_counter()
 

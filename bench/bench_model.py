@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from common import add_out_argument, machine, write_results  # noqa: E402
+from common import add_out_argument, add_threads_argument, machine, set_threads, write_results  # noqa: E402
 
 from larp.backbone import FrozenBackbone  # noqa: E402
 from larp.config import LaRPConfig  # noqa: E402
@@ -271,15 +271,14 @@ def main(argv: list[str] | None = None) -> int:
         default=20.0,
         help="add rounds for fast configs until the timing takes about this long",
     )
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    add_threads_argument(parser)
     add_out_argument(parser)
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.configs.split(",") if n.strip()]
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
         parser.error(f"unknown configs {unknown}; choose from {sorted(CONFIGS)}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     results = run(names, args.batch, args.repeats, args.warmup, args.min_seconds)
     write_results("model", results, markdown(results), args.out)
     return 0

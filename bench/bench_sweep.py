@@ -18,7 +18,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import add_out_argument, machine, table, write_results  # noqa: E402
+from common import (  # noqa: E402
+    add_out_argument,
+    add_threads_argument,
+    machine,
+    set_threads,
+    table,
+    write_results,
+)
 
 from larp.evaluate import evaluate, rescore  # noqa: E402
 from larp.sweep import SweepConfig  # noqa: E402
@@ -40,7 +47,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--with-ray", action="store_true")
     add_out_argument(parser)
+    add_threads_argument(parser)
     args = parser.parse_args()
+    set_threads(args.threads)
     described = machine()
     sweep = SweepConfig()
     base = sweep.base_model()

@@ -16,7 +16,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import add_out_argument, machine, table, write_results  # noqa: E402
+from common import (  # noqa: E402
+    add_out_argument,
+    add_threads_argument,
+    machine,
+    set_threads,
+    table,
+    write_results,
+)
 
 from larp import LaRPConfig  # noqa: E402
 from larp.trainer import TrainConfig, Trainer  # noqa: E402
@@ -96,7 +103,9 @@ def main() -> None:
     parser.add_argument("--vitb16-epochs", type=int, default=3)
     parser.add_argument("--skip-ray", action="store_true")
     add_out_argument(parser)
+    add_threads_argument(parser)
     args = parser.parse_args()
+    set_threads(args.threads)
     results = {"machine": machine(), "cache": {}, "ray": None}
     rows = []
     for name in args.backbones.split(","):

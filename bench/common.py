@@ -79,6 +79,27 @@ def add_out_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_threads_argument(parser: argparse.ArgumentParser, default: int | None = None) -> None:
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=default,
+        help="torch intra-op threads of this process (default: "
+        + ("torch's own" if default is None else str(default))
+        + "); `run_all.py` sets it for every benchmark",
+    )
+
+
+def set_threads(threads: int | None) -> None:
+    """Pin torch's intra-op threads before any work, so the machine line says what ran."""
+    if threads is not None:
+        if threads < 1:
+            raise SystemExit(f"--threads must be >= 1, got {threads}")
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def write_results(name: str, payload: dict[str, Any], markdown: str, out: Path = RESULTS) -> Path:
     """Write `<out>/<name>.json` and `.md`; the payload's own "machine" keys extend the common
     description (measured at the end if the payload has none, so call this right after the run

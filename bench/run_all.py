@@ -38,10 +38,22 @@ BENCHES = {
 }
 
 
+# the benchmarks whose own process does the measured torch work (Ray workers and Serve replicas
+# get their threads from Ray; bench_serve sets its in-process share itself)
+THREADED = ("model", "train", "sweep", "demo")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--only", help="comma-separated subset of " + ",".join(BENCHES))
     parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads of each benchmark process (default 1, as the published CPU figures "
+        "were taken, so a rerun compares like with like)",
+    )
     parser.add_argument(
         "--out",
         type=Path,
@@ -58,12 +70,16 @@ def main() -> int:
         script, full, quick = BENCHES[name]
         extra = quick if args.quick else full
         command = [sys.executable, str(HERE / script), *extra, "--out", str(out)]
+        if name in THREADED:
+            command += ["--threads", str(args.threads)]
         print(f"== {name}: {' '.join(command[1:])}", flush=True)
         start = time.perf_counter()
         code = subprocess.call(command)
         status[name] = {"exit": code, "seconds": round(time.perf_counter() - start, 1)}
     sections, payload = [], {"runs": status}
-    for name in names:
+    # the summary joins every benchmark's latest results in `out`, not only this run's, so
+    # `--only` refreshes some tables without dropping the others
+    for name in BENCHES:
         md, js = out / f"{name}.md", out / f"{name}.json"
         if md.is_file():
             sections.append(f"# {name}\n\n{md.read_text().strip()}\n")
