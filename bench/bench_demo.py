@@ -369,8 +369,9 @@ def main(argv: list[str] | None = None) -> int:
         "checks": checks,
         "per_seed": {m: {str(s): r for s, r in runs.items()} for m, runs in per_seed.items()},
     }
-    print(markdown(result))
-    write_results(args.name, {"machine": described, **result}, markdown(result), args.out)
+    table = markdown(result)
+    print(table)
+    write_results(args.name, {"machine": described, **result}, table, args.out)
     tmp.cleanup()
     return 0
 

@@ -45,6 +45,15 @@ CONFIGS = [  # (max_batch_size, replicas)
 ]
 
 
+def _configs(replicas: str) -> list[tuple[int, int]]:
+    """The (max_batch_size, replicas) rows to run; a smoke run keeps only one replica count."""
+    wanted = {r.strip() for r in replicas.split(",")}
+    chosen = [c for c in CONFIGS if str(c[1]) in wanted]
+    if not chosen or len(chosen) != 2 * len(wanted):
+        raise SystemExit(f"--replicas {replicas!r}: choose from 1,2")
+    return chosen
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -216,7 +225,7 @@ def run(args: argparse.Namespace) -> dict:
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": port})
             base = f"http://127.0.0.1:{port}"
-            for batch, replicas in CONFIGS:
+            for batch, replicas in _configs(args.replicas):
                 app = build(
                     {
                         "checkpoint": checkpoint,
@@ -260,7 +269,7 @@ def run(args: argparse.Namespace) -> dict:
         shutil.rmtree(work, ignore_errors=True)
 
     speedups = {}
-    for replicas in sorted({r for _, r in CONFIGS}):
+    for replicas in sorted({r for _, r in _configs(args.replicas)}):
         by_batch = {row["max_batch_size"]: row for row in rows if row["replicas"] == replicas}
         if by_batch.get(1, {}).get("throughput_rps"):
             speedups[str(replicas)] = by_batch[8]["throughput_rps"] / by_batch[1]["throughput_rps"]
@@ -285,6 +294,7 @@ def run(args: argparse.Namespace) -> dict:
                 "batch_wait_timeout_s",
                 "num_cpus",
                 "replica_cpus",
+                "replicas",
             )
         },
         "machine": described,
@@ -368,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=600, help="answers per row (at most)")
     parser.add_argument("--duration", type=float, default=25.0, help="seconds per row (at most)")
     parser.add_argument("--warmup", type=int, default=48)
+    parser.add_argument("--replicas", default="1,2", help="replica counts to run (1, 2 or 1,2)")
     parser.add_argument("--batch-wait-timeout-s", type=float, default=0.01)
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--format", default="PNG", choices=["PNG", "JPEG", "BMP", "TIFF"])
@@ -378,8 +389,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.requests < 1 or args.duration <= 0 or args.concurrency < 1:
         parser.error("--requests, --duration and --concurrency must be positive")
     report = run(args)
-    print(markdown(report))
-    write_results("serve", report, markdown(report), args.out)
+    table = markdown(report)
+    print(table)
+    write_results("serve", report, table, args.out)
     return 0
 
 

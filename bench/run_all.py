@@ -28,10 +28,14 @@ QUICK_RESULTS = RESULTS / "quick"
 # name -> (script, full args, quick args)
 BENCHES = {
     "model": ("bench_model.py", [], ["--configs", "tiny", "--repeats", "3"]),
-    "metrics": ("bench_metrics.py", [], ["--n-maps", "200", "--size", "256"]),
+    "metrics": ("bench_metrics.py", [], ["--n-maps", "100", "--size", "256", "--naive-maps", "20"]),
     "train": ("bench_train.py", [], ["--epochs", "5", "--skip-ray", "--backbones", "tiny"]),
     "sweep": ("bench_sweep.py", ["--with-ray"], ["--epochs", "3"]),
-    "serve": ("bench_serve.py", [], ["--requests", "60", "--duration", "3", "--warmup", "8"]),
+    "serve": (
+        "bench_serve.py",
+        [],
+        ["--requests", "60", "--duration", "3", "--warmup", "8", "--replicas", "1"],
+    ),
     "demo": ("bench_demo.py", [], ["--seeds", "0", "--epochs", "3", "--eval-n", "24"]),
     # without CUDA the full run only records that there was no GPU; --quick smoke-runs it on CPU
     "gpu": ("bench_gpu.py", [], ["--device", "cpu", "--config", "tiny", "--batches", "1,4"]),
