@@ -50,7 +50,7 @@ def _configs(replicas: str) -> list[tuple[int, int]]:
     wanted = {r.strip() for r in replicas.split(",")}
     chosen = [c for c in CONFIGS if str(c[1]) in wanted]
     if not chosen or len(chosen) != 2 * len(wanted):
-        raise SystemExit(f"--replicas {replicas!r}: choose from 1,2")
+        raise ValueError(f"--replicas {replicas!r}: choose from 1, 2 or 1,2")
     return chosen
 
 
@@ -225,7 +225,7 @@ def run(args: argparse.Namespace) -> dict:
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": port})
             base = f"http://127.0.0.1:{port}"
-            for batch, replicas in _configs(args.replicas):
+            for batch, replicas in args.configs:
                 app = build(
                     {
                         "checkpoint": checkpoint,
@@ -269,7 +269,7 @@ def run(args: argparse.Namespace) -> dict:
         shutil.rmtree(work, ignore_errors=True)
 
     speedups = {}
-    for replicas in sorted({r for _, r in _configs(args.replicas)}):
+    for replicas in sorted({r for _, r in args.configs}):
         by_batch = {row["max_batch_size"]: row for row in rows if row["replicas"] == replicas}
         if by_batch.get(1, {}).get("throughput_rps"):
             speedups[str(replicas)] = by_batch[8]["throughput_rps"] / by_batch[1]["throughput_rps"]
@@ -388,6 +388,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.requests < 1 or args.duration <= 0 or args.concurrency < 1:
         parser.error("--requests, --duration and --concurrency must be positive")
+    try:  # checked before Ray starts, and parsed once
+        args.configs = _configs(args.replicas)
+    except ValueError as err:
+        parser.error(str(err))
     report = run(args)
     table = markdown(report)
     print(table)

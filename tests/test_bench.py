@@ -44,7 +44,7 @@ def test_run_all_names_unknown_benchmarks() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)  # ~7 min on an idle 2-core host; CI hosts have run 40 % slower
+@pytest.mark.timeout(1800)  # ~6 min on an idle 2-core host; CI hosts have run 40 % slower
 def test_quick_run_of_every_benchmark(tmp_path: Path) -> None:
     published = {p: p.stat().st_mtime_ns for p in common.RESULTS.glob("*.*")}
     proc = subprocess.run(
